@@ -1,0 +1,59 @@
+"""The pass pipeline: find sites, classify them, rewrite the sparse ones, register statistics."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+from torch import fx
+
+from ..runtime import stats
+from . import classify, rewrite, sites
+
+
+@dataclass
+class SiteDecision:
+    """What the passes decided for one site of one graph."""
+
+    name: str
+    phase: str
+    pattern: str
+    sparse: bool
+    reason: str
+    uid: int
+
+
+class PassManager:
+    """Runs the zipvl passes over one Dynamo graph.
+
+    ``settings`` holds ``ZipVLConfig`` fields (kernel already resolved to "sdpa" or "flex")."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def uuid(self) -> str:
+        """Stable id of these passes and settings (for compile caches keyed on custom passes)."""
+        src = "".join(inspect.getsource(m) for m in (sites, classify, rewrite))
+        return hashlib.sha256((src + repr(sorted(self.settings.items()))).encode()).hexdigest()
+
+    def __call__(self, gm: fx.GraphModule) -> list[SiteDecision]:
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        found = sorted(sites.find_sdpa(gm) + sites.find_unfused(gm), key=lambda s: order[s.output])
+        kernel = self.settings["kernel"]
+        decisions, salt = [], 0
+        for site in found:
+            reason = classify.dense_reason(site, kernel)
+            record = stats.SiteRecord(site=site.name, phase=site.phase,
+                                      path="dense" if reason else "sparse", reason=reason,
+                                      kernel="" if reason else kernel)
+            uid = stats.register(record)
+            if not reason:
+                rewrite.rewrite_site(gm, site, dict(self.settings, site=uid, salt=salt))
+                salt += 1
+            decisions.append(SiteDecision(site.name, site.phase, site.pattern, not reason,
+                                          reason, uid))
+        if salt:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+        return decisions
+

@@ -1,0 +1,34 @@
+"""The function a rewritten attention site calls: selection + sparse attention, traced by Inductor.
+
+The rewrite passes ``q, k, v, attn_mask`` exactly as the model gave them to SDPA (or as the
+unfused pattern computed them) and every setting as a plain keyword, so the traced graph, and
+Inductor's cache key, depend on nothing but the node itself.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import masks, selection
+from .sparse_attention import sparse_prefill_flex, sparse_prefill_sdpa, observe_budget  # noqa: F401
+
+
+def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, recent_probes,
+                  random_probes, keep_recent, min_keep, seed, salt, sparse_queries, keep_all):
+    """ZipVL sparse prefill of one causal self-attention call.
+
+    q [B, H, n, d]; k, v [B, Hkv, n, d]; attn_mask None (plain causal) or broadcastable to
+    [B, 1, n, n].  Returns [B, H, n, dv]."""
+    B, H, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    mask4 = masks.as_4d(attn_mask, B, n) if attn_mask is not None else None
+    sel = selection.select(
+        q, k, attn_mask=mask4, scale=scale, tau=tau, ratio=ratio, recent_probes=recent_probes,
+        random_probes=random_probes, keep_recent=keep_recent, min_keep=min_keep, seed=seed,
+        salt=salt, keep_all=keep_all)
+    if kernel == "flex":
+        budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site)
+        return sparse_prefill_flex(q, k, v, sel.kept_idx, budget, scale=scale,
+                                   sparse_queries=sparse_queries)
+    kind = masks.mask_kind(mask4) if mask4 is not None else None
+    return torch.ops.zipvl.sparse_prefill_sdpa(q, k, v, sel.kept_idx, sel.budget, sel.n_valid,
+                                               attn_mask, kind, scale, sparse_queries, site)

@@ -1,0 +1,130 @@
+"""Per-site statistics: what each attention site did in the most recent forward.
+
+Sites are registered at compile time (static facts: name, phase, path, reason).  Sparse sites
+update their budgets at run time; the host-read kernel stores plain ints, the graph-capturable
+kernel stores references to device tensors (no sync) that are read only when ``stats()`` is
+called.  Dense fallbacks are logged once per (site, phase, reason).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger("zipvl_compile")
+
+
+@dataclass
+class SiteRecord:
+    """One attention site.  ``kept``/``valid`` hold one entry per batch element (empty until a
+    sparse site has run); ``kept_ratio`` is the mean of kept/valid over the batch."""
+
+    site: str
+    phase: str
+    path: str
+    reason: str = ""
+    kernel: str = ""
+    seq_len: int | None = None
+    kept: list[int] = field(default_factory=list)
+    valid: list[int] = field(default_factory=list)
+
+    @property
+    def kept_ratio(self) -> float | None:
+        if not self.kept:
+            return None
+        return sum(k / max(v, 1) for k, v in zip(self.kept, self.valid)) / len(self.kept)
+
+
+class _Site:
+    def __init__(self, uid: int, record: SiteRecord):
+        self.uid, self.record, self.pending = uid, record, None
+        self.touched = next(_clock)
+
+
+_clock = itertools.count()
+_lock = threading.Lock()
+_sites: dict[int, _Site] = {}
+_reported: set[tuple] = set()
+
+
+def register(record: SiteRecord) -> int:
+    """Register a site found by the passes; returns its id (used by the runtime ops)."""
+    with _lock:
+        uid = len(_sites)
+        _sites[uid] = _Site(uid, record)
+    if record.path == "dense":
+        report_dense(record)
+    return uid
+
+
+def report_dense(record: SiteRecord) -> None:
+    key = (record.site, record.phase, record.reason)
+    if key in _reported:
+        return
+    _reported.add(key)
+    expected = record.phase == "decode" or record.reason.startswith("non-causal")
+    (logger.info if expected else logger.warning)(
+        "zipvl: %s (%s) keeps dense attention: %s", record.site, record.phase, record.reason)
+
+
+def update(uid: int, seq_len: int, kept: list[int], valid: list[int], path: str = "sparse",
+           reason: str = "") -> None:
+    """Runtime update with host values (host-read kernel)."""
+    site = _sites[uid]
+    rec = site.record
+    rec.seq_len, rec.kept, rec.valid, rec.path, rec.reason = seq_len, kept, valid, path, reason
+    site.pending, site.touched = None, next(_clock)
+    if path == "dense":
+        report_dense(rec)
+
+
+def update_lazy(uid: int, seq_len: int, budget: torch.Tensor, n_valid: torch.Tensor) -> None:
+    """Runtime update with device tensors, read later (graph-capturable kernel: no sync)."""
+    site = _sites[uid]
+    site.record.seq_len = seq_len
+    site.pending, site.touched = (budget, n_valid), next(_clock)
+
+
+def stats() -> list[SiteRecord]:
+    """Latest record per (site, phase), in the order the sites were first found."""
+    latest: dict[tuple, _Site] = {}
+    first_seen: dict[tuple, int] = {}
+    for site in _sites.values():
+        key = (site.record.site, site.record.phase)
+        first_seen.setdefault(key, site.uid)
+        if key not in latest or site.touched > latest[key].touched:
+            latest[key] = site
+    out = []
+    for key in sorted(latest, key=first_seen.__getitem__):
+        site = latest[key]
+        if site.pending is not None:
+            budget, n_valid = site.pending
+            site.record.kept, site.record.valid = budget.tolist(), n_valid.tolist()
+            site.pending = None
+        out.append(site.record)
+    return out
+
+
+def reset() -> None:
+    """Forget every site (call between unrelated models)."""
+    with _lock:
+        _sites.clear()
+        _reported.clear()
+
+
+def format_stats(records: list[SiteRecord] | None = None) -> str:
+    """Render ``stats()`` as a table."""
+    from tabulate import tabulate
+
+    rows = []
+    for r in stats() if records is None else records:
+        ratio = r.kept_ratio
+        rows.append([r.site, r.phase, r.seq_len if r.seq_len is not None else "-",
+                     ",".join(map(str, r.kept)) or "-",
+                     f"{ratio:.3f}" if ratio is not None else "-", r.path, r.kernel or "-",
+                     r.reason or ""])
+    return tabulate(rows, headers=["site", "phase", "seq", "kept", "ratio", "path", "kernel",
+                                   "reason"])

@@ -1,0 +1,82 @@
+"""ZipVLConfig: every knob of the sparse prefill, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+KERNELS = ("auto", "sdpa", "flex")
+
+
+@dataclass(frozen=True)
+class ZipVLConfig:
+    """Settings of ZipVL sparse prefill (DESIGN.md section 1).
+
+    tau:            fraction of the probe attention mass the kept tokens must reach, in (0, 1].
+                    ``tau=1.0`` keeps every valid token (exact dense attention).
+    recent_probes:  number of most recent valid positions used as probe queries (>= 0).
+    random_probes:  number of further probe positions drawn from the remaining valid ones (>= 0).
+    keep_recent:    the most recent valid tokens always kept (>= 1: the last token's output must exist).
+    min_keep:       lower bound on the per-sequence budget (>= 1).
+    ratio:          ``None`` = adaptive budget from ``tau``; a float in (0, 1] fixes the kept fraction
+                    of valid tokens (the fixed-budget baseline).
+    sparse_queries: True = paper mode (only important queries are computed, other rows are zero);
+                    False = every query is computed, keys restricted to the important set.
+    seed:           salt of the deterministic probe sampler (>= 0).
+    kernel:         "sdpa" reads the budget on the host and runs SDPA on the compacted prefix
+                    (fastest, one host sync per layer, not CUDA-graph capturable); "flex" keeps the
+                    budget on the device (FlexAttention, graph capturable); "auto" picks "flex" under
+                    CUDA-graph modes ("reduce-overhead", "max-autotune") and "sdpa" otherwise.
+    """
+
+    tau: float = 0.975
+    recent_probes: int = 64
+    random_probes: int = 64
+    keep_recent: int = 64
+    min_keep: int = 1
+    ratio: float | None = None
+    sparse_queries: bool = True
+    seed: int = 0
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_number("tau", self.tau, 0.0, 1.0, low_open=True)
+        for name, low in (("recent_probes", 0), ("random_probes", 0), ("keep_recent", 1),
+                          ("min_keep", 1), ("seed", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.recent_probes + self.random_probes < 1:
+            raise ValueError("recent_probes + random_probes must be >= 1 "
+                             f"(got {self.recent_probes} + {self.random_probes})")
+        if self.ratio is not None:
+            _check_number("ratio", self.ratio, 0.0, 1.0, low_open=True)
+        if not isinstance(self.sparse_queries, bool):
+            raise ValueError(f"sparse_queries must be a bool (got {self.sparse_queries!r})")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS} (got {self.kernel!r})")
+
+    @property
+    def keeps_everything(self) -> bool:
+        """True when the budget is the whole valid sequence (tau=1 or ratio=1)."""
+        return self.ratio == 1.0 or (self.ratio is None and self.tau >= 1.0)
+
+    def replace(self, **fields) -> "ZipVLConfig":
+        return dataclasses.replace(self, **fields)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= {low} (got {value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low} (got {value})")
+
+
+def _check_number(name: str, value, low: float, high: float, low_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}] "
+                         f"(got {value!r})")
+    ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}] (got {value})")

@@ -1,0 +1,46 @@
+"""One-line compilation of the part of a transformers model that prefill runs through.
+
+``torch.compile(model).generate(...)`` compiles nothing: ``generate`` is not ``forward``.
+``model.compile(backend="zipvl")`` works (generate calls the compiled forward), but then Dynamo
+also captures the vision tower and the input merging, with many graph breaks (about 24 for
+Qwen2-VL).  Compiling only the language model gives one graph per phase.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import ZipVLBackend, backend as make_backend
+from .config import ZipVLConfig
+
+_LM_ATTRS = ("language_model", "model.language_model", "model.text_model", "text_model")
+
+
+def find_language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a VLM (``model.model.language_model`` for Qwen2-VL / LLaVA in
+    transformers 5), else ``get_decoder()``, else the model itself."""
+    for path in _LM_ATTRS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.Module):
+            return obj
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
+
+
+def compile_language_model(model: torch.nn.Module, config: ZipVLConfig | None = None, *,
+                           mode: str | None = None, dynamic: bool | None = None,
+                           **fields) -> ZipVLBackend:
+    """Compile the language model of ``model`` in place with the zipvl backend.
+
+    Returns the backend (its ``decisions`` list every site seen).  ``model.generate()`` then runs
+    sparse prefill with no further change."""
+    zipvl = make_backend(config, **fields)
+    kwargs = {"backend": zipvl, "dynamic": dynamic}
+    if mode is not None:
+        kwargs["mode"] = mode
+    find_language_model(model).compile(**kwargs)
+    return zipvl
