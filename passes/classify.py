@@ -12,7 +12,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .sites import AttentionSite, shape, value
 
 
-def dense_reason(site: AttentionSite, kernel: str) -> str:
+def dense_reason(site: AttentionSite, kernel: str, sparse_queries: bool = True) -> str:
     """'' when the site can be rewritten exactly, else the reason it stays dense."""
     if site.problem:
         return site.problem
@@ -25,6 +25,10 @@ def dense_reason(site: AttentionSite, kernel: str) -> str:
         return "query and key lengths differ (cross-attention or prefill after cached tokens)"
     if isinstance(site.dropout_p, fx.Node) or site.dropout_p != 0.0:
         return "dropout_p > 0"
+    if kernel == "flex" and not sparse_queries:
+        return "sparse_queries=False needs kernel='sdpa' (the graph-capturable kernel computes kept queries only)"
+    if kernel == "flex" and not isinstance(q[0], int):
+        return "symbolic batch size on the graph-capturable kernel (it runs one call per sequence)"
     if site.attn_mask is None and not site.is_causal:
         return "non-causal attention without a mask (encoder)"
     if isinstance(site.scale, fx.Node):

@@ -42,7 +42,7 @@ class PassManager:
         kernel = self.settings["kernel"]
         decisions, salt = [], 0
         for site in found:
-            reason = classify.dense_reason(site, kernel)
+            reason = classify.dense_reason(site, kernel, self.settings["sparse_queries"])
             record = stats.SiteRecord(site=site.name, phase=site.phase,
                                       path="dense" if reason else "sparse", reason=reason,
                                       kernel="" if reason else kernel)

@@ -27,8 +27,7 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
         salt=salt, keep_all=keep_all)
     if kernel == "flex":
         budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site)
-        return sparse_prefill_flex(q, k, v, sel.kept_idx, budget, scale=scale,
-                                   sparse_queries=sparse_queries)
+        return sparse_prefill_flex(q, k, v, sel.kept_idx, budget, scale=scale)
     kind = masks.mask_kind(mask4) if mask4 is not None else None
     return torch.ops.zipvl.sparse_prefill_sdpa(q, k, v, sel.kept_idx, sel.budget, sel.n_valid,
                                                attn_mask, kind, scale, sparse_queries, site)

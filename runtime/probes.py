@@ -1,25 +1,41 @@
-"""Probe positions: the recent valid tokens plus a deterministic pseudo-random sample of the rest.
+"""Probe positions: the recent valid tokens plus a stratified pseudo-random sample of the rest.
 
-The sampler is a pure function of (position, sequence length, seed, salt) built from int64
-arithmetic, so eager PyTorch, Inductor's C++ and Triton code all draw the same probes, with no
-generator state inside a compiled graph.  Shapes: ``valid [B, n] bool`` -> ``probes [B, m]``
-int64 and ``probe_valid [B, m]`` bool, where ``m = min(recent + random, n)``.  Invalid (padding)
-positions are chosen only when a sequence has fewer than ``m`` valid tokens, and are flagged.
+``recent`` probes are the last ``recent`` valid tokens.  The ``random`` probes split the earlier
+valid tokens into ``random`` equal strata and draw one token from each (without replacement, and
+spread over the whole prompt).  The draw is a pure int64 hash of (stratum, valid length, seed,
+salt), so eager PyTorch, Inductor's C++ and Triton code all draw the same probes, with no
+generator state inside a compiled graph, and no sort or top-k over the sequence.
+
+Shapes: ``valid [B, n] bool`` -> ``probes [B, m]`` int64 positions and ``probe_valid [B, m]``
+bool, ``m = recent + random`` (static: no shape depends on ``n``).  Entries past the valid tokens
+of a short sequence are flagged invalid; every valid token is a probe when ``n_valid <= m``.
 """
 from __future__ import annotations
 
 import torch
 
 _MOD = 2147483648  # 2**31: every product below stays under 2**62
-_RECENT_PRIORITY = 1 << 60
-_SAMPLED_PRIORITY = 1 << 58
-_POS_BITS = 24  # positions below 16M tokens keep priorities unique
 
 
-def hash_positions(pos: torch.Tensor, n: int, seed: int, salt: int) -> torch.Tensor:
-    """Pseudo-random int64 in [0, 2**31) per position; deterministic in all its arguments."""
-    x = (pos * 7919 + n * 104729 + seed * 1000003 + salt * 15485863) % _MOD
-    for shift in (13, 16):
+@torch.library.custom_op("zipvl::barrier", mutates_args=())
+def barrier(x: torch.Tensor) -> torch.Tensor:
+    """Identity (a copy) that the compiler cannot see through."""
+    return x.clone()
+
+
+@barrier.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def hash_strata(stratum: torch.Tensor, n_valid: torch.Tensor, seed: int, salt: int):
+    """Pseudo-random int64 in [0, 2**31) for stratum [m] and valid lengths [B] -> [B, m].
+
+    Starts with an XOR of tensors so that Inductor cannot fold the arithmetic into a (32-bit)
+    index expression on Triton."""
+    mix = (n_valid * 104729 + (seed * 1000003 + salt * 15485863) % _MOD) % _MOD
+    x = stratum[None, :] ^ mix[:, None]
+    for shift in (13, 16, 11):
         x = (x * 1103515245 + 12345) % _MOD
         x = x ^ (x >> shift)
     return x
@@ -33,17 +49,24 @@ def count_from_end(valid: torch.Tensor) -> torch.Tensor:
 def probe_positions(valid: torch.Tensor, recent: int, random: int, seed: int, salt: int):
     """Choose probe query positions per sequence (see module docstring)."""
     n = valid.shape[-1]
-    pos = torch.arange(n, device=valid.device)
-    from_end = count_from_end(valid)
-    is_recent = valid & (from_end <= recent)
-    sampled_key = (hash_positions(pos, n, seed, salt) << _POS_BITS) + pos
-    priority = torch.where(
-        is_recent, _RECENT_PRIORITY + pos,
-        torch.where(valid, _SAMPLED_PRIORITY + sampled_key, pos))
-    if random == 0:  # deterministic: never draw beyond the recent window
-        priority = torch.where(valid & ~is_recent, pos, priority)
-    m = min(recent + random, n)
-    chosen = priority.topk(m, dim=-1).values
-    probe_valid = chosen >= (_SAMPLED_PRIORITY if random else _RECENT_PRIORITY)
-    probes = chosen & ((1 << _POS_BITS) - 1)
-    return probes, probe_valid
+    # rank[j] = number of valid tokens at or before j.  The barrier keeps Inductor from turning
+    # it (cumsum of ones without padding) into index arithmetic, which fails on Triton.
+    rank = torch.ops.zipvl.barrier(valid.long().cumsum(-1))
+    n_valid = rank[:, -1]
+    n_recent = n_valid.clamp(max=recent)
+    eligible = n_valid - n_recent  # valid tokens before the recent window
+    t = torch.arange(recent, device=valid.device)
+    recent_rank = (n_valid - n_recent + 1)[:, None] + t[None, :]
+    recent_ok = t[None, :] < n_recent[:, None]
+    s = torch.arange(random, device=valid.device)
+    lo = s[None, :] * eligible[:, None] // max(random, 1)
+    hi = (s[None, :] + 1) * eligible[:, None] // max(random, 1)
+    width = (hi - lo).clamp(min=1)
+    random_rank = lo + hash_strata(s, n_valid, seed, salt) % width + 1
+    random_ok = hi > lo
+    target = torch.cat([recent_rank, random_rank], dim=-1)
+    probe_valid = torch.cat([recent_ok, random_ok], dim=-1)
+    # position of the target-th valid token = number of positions ranked below it (a small
+    # [B, m, n] count; torch.searchsorted does not lower on every Inductor backend)
+    positions = (rank[:, None, :] < target[:, :, None]).sum(-1).clamp(max=n - 1)
+    return positions, probe_valid

@@ -65,7 +65,7 @@ def kept_order(score, budget):
     keep = torch.zeros_like(score, dtype=torch.bool).scatter(1, order, pos < budget[:, None])
     kept_before = keep.long().cumsum(dim=-1)
     dest = torch.where(keep, kept_before - 1, budget[:, None] + pos - kept_before)
-    return torch.empty_like(pos).scatter(1, dest, pos)
+    return torch.empty(B, n, dtype=torch.long, device=score.device).scatter(1, dest, pos)
 
 
 def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, keep_recent,

@@ -7,7 +7,8 @@ Two kernels compute the same function (outputs of unimportant queries are zero i
   the host (one sync per layer), gathers only the kept rows and runs SDPA (cuDNN first on CUDA)
   on the compacted prefix.  Fastest; not CUDA-graph capturable.
 - ``sparse_prefill_flex``: traced into the graph; FlexAttention over the kept-first permutation
-  with the budget as a device tensor inside the mask.  No host sync; graph capturable.
+  with a block mask built from the device budget.  No host sync; graph capturable.  Only the
+  ``sparse_queries`` mode of mask-free causal attention.
 
 Shapes: ``q [B, H, n, d]``, ``k, v [B, Hkv, n, d(v)]``, ``kept_idx [B, n]`` int64 (see
 ``selection.Selection``), ``budget, n_valid [B]`` int64.  Output ``[B, H, n, dv]``.
@@ -23,25 +24,38 @@ import torch.nn.functional as F
 from . import masks, stats
 
 
+def _seq_major(x: torch.Tensor) -> bool:
+    """True when x [B, h, n, d] is stored [B, n, h, d] (how projections + RoPE leave Q/K/V)."""
+    return x.transpose(1, 2).is_contiguous()
+
+
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, h, n, d], idx [B, m] -> x[b, :, idx[b]]: [B, h, m, d] (contiguous)."""
-    if x.shape[0] == 1:
+    """x [B, h, n, d], idx [B, m] -> x[b, :, idx[b]]: [B, h, m, d], stored like x."""
+    B, h, n, d = x.shape
+    m = idx.shape[1]
+    if _seq_major(x):  # whole contiguous rows of h*d elements
+        flat = (idx + torch.arange(B, device=idx.device)[:, None] * n).reshape(-1)
+        rows = x.transpose(1, 2).reshape(B * n, h * d).index_select(0, flat)
+        return rows.view(B, m, h, d).transpose(1, 2)
+    if B == 1:
         return x.index_select(2, idx[0])
-    return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+    return x.gather(2, idx[:, None, :, None].expand(-1, h, -1, d))
 
 
 def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     """rows [B, h, m, d] placed at positions idx [B, m] of a zero [B, h, n, d] tensor.
 
-    The result is stored [B, n, h, d]-contiguous (the layout the output projection reads)."""
+    The result is stored [B, n, h, d] (the layout the output projection reads)."""
     B, h, m, d = rows.shape
-    out = rows.new_zeros(B, n, h, d).transpose(1, 2)
-    if B == 1:
-        return out.index_copy_(2, idx[0], rows)
-    return out.scatter_(2, idx[:, None, :, None].expand(B, h, m, d), rows)
+    out = rows.new_zeros(B * n, h * d)
+    flat = (idx + torch.arange(B, device=idx.device)[:, None] * n).reshape(-1)
+    out.index_copy_(0, flat, rows.transpose(1, 2).reshape(B * m, h * d))
+    return out.view(B, n, h, d).transpose(1, 2)
 
 
-def _sdpa_backends(device: torch.device):
+def _causal_backends(device: torch.device):
+    """cuDNN first for mask-free causal attention on CUDA (fastest on Hopper); masked calls keep
+    PyTorch's own backend choice."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,40 +89,40 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kind == masks.NONCAUSAL:
         stats.update(site, n, [], valid, path="dense",
                      reason="non-causal mask at run time (bidirectional spans or an encoder)")
-        with _sdpa_backends(q.device):
-            out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
-                                                 attn_mask=mask4, scale=scale)
+        out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
+                                             attn_mask=mask4, scale=scale)
         return out.transpose(1, 2).contiguous().transpose(1, 2)
     stats.update(site, n, budgets, valid)
     m = max(budgets)
     idx = kept_idx[:, :m]
     k_c, v_c = gather_rows(k, idx), gather_rows(v, idx)
     gqa = k.shape[1] != H
-    with _sdpa_backends(q.device):
-        if sparse_queries:
-            q_c = gather_rows(q, idx)
-            if kind == masks.STANDARD:
+    if sparse_queries:
+        q_c = gather_rows(q, idx)
+        if kind == masks.STANDARD:
+            with _causal_backends(q.device):
                 o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale,
                                                      enable_gqa=gqa)
-            else:
-                rows = mask4[:, 0].gather(1, idx[:, :, None].expand(B, m, n))
-                sub = rows.gather(2, idx[:, None, :].expand(B, m, m))[:, None]
-                o_c = F.scaled_dot_product_attention(q_c, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
-                                                     attn_mask=sub, scale=scale)
-            return scatter_rows(_zero_rows_beyond(o_c, budget), idx, n)
-        slot_ok = torch.arange(m, device=q.device)[None, :] < budget[:, None]  # [B, m]
-        if mask4 is None:
-            pos = torch.arange(n, device=q.device)
-            ok = (idx[:, None, :] <= pos[None, :, None]) & slot_ok[:, None, :]  # [B, n, m]
         else:
-            cols = mask4[:, 0].gather(2, idx[:, None, :].expand(B, n, m))
-            ok = masks.allowed(cols) & slot_ok[:, None, :]
-        bias = masks.bias(cols) if mask4 is not None and mask4.dtype != torch.bool else None
-        sub = ok if bias is None else bias.masked_fill(~ok, float("-inf"))
-        out = F.scaled_dot_product_attention(q, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
-                                             attn_mask=sub[:, None], scale=scale)
-        out = torch.where(ok.any(-1)[:, None, :, None], out, 0.0)
-        return out.transpose(1, 2).contiguous().transpose(1, 2)
+            rows = mask4[:, 0].gather(1, idx[:, :, None].expand(B, m, n))
+            sub = rows.gather(2, idx[:, None, :].expand(B, m, m))[:, None]
+            o_c = F.scaled_dot_product_attention(q_c, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
+                                                 attn_mask=sub, scale=scale)
+        if min(budgets) < m:  # rows past a shorter budget hold dropped tokens
+            o_c = _zero_rows_beyond(o_c, budget)
+        return scatter_rows(o_c, idx, n)
+    slot_ok = torch.arange(m, device=q.device)[None, :] < budget[:, None]  # [B, m]
+    if mask4 is None:
+        pos = torch.arange(n, device=q.device)
+        ok, bias = (idx[:, None, :] <= pos[None, :, None]) & slot_ok[:, None, :], None  # [B, n, m]
+    else:
+        cols = mask4[:, 0].gather(2, idx[:, None, :].expand(B, n, m))
+        ok, bias = masks.allowed(cols) & slot_ok[:, None, :], masks.bias(cols)
+    sub = ok if bias is None else bias.masked_fill(~ok, float("-inf"))
+    out = F.scaled_dot_product_attention(q, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
+                                         attn_mask=sub[:, None], scale=scale)
+    out = torch.where(ok.any(-1)[:, None, :, None], out, 0.0)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @sparse_prefill_sdpa.register_fake
@@ -131,25 +145,48 @@ def _(budget, n_valid, kept_idx, site):
     return torch.empty_like(budget)
 
 
-def sparse_prefill_flex(q, k, v, kept_idx, budget, *, scale, sparse_queries):
-    """Graph-capturable kernel (plain causal attention only; see module docstring)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def prefix_causal_block_mask(budget: torch.Tensor, n: int, block: int = 128):
+    """BlockMask of causal attention over the first ``budget[b]`` rows of each sequence.
+
+    Built with tensor ops from the device budget (no tensor is captured by the mask_mod, which
+    is plain causal): query blocks at or past the budget get no key blocks at all, blocks below
+    the diagonal are full, the diagonal block is masked causally.  Rows inside the last active
+    block but past the budget are computed and must be discarded by the caller."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B = budget.shape[0]
+    nb = (n + block - 1) // block
+    qb = torch.arange(nb, device=budget.device)
+    active = (qb[None, :] * block < budget[:, None])[:, None, :]  # [B, 1, nb]
+    kv_idx = torch.arange(nb, device=budget.device, dtype=torch.int32)
+    full_num = torch.where(active, qb.to(torch.int32), 0)
+    full_idx = kv_idx.expand(B, 1, nb, nb).contiguous()
+    diag_num = active.to(torch.int32)
+    diag_idx = torch.cat([qb.to(torch.int32)[:, None], kv_idx[None, :].expand(nb, nb)[:, 1:]],
+                         dim=1).expand(B, 1, nb, nb).contiguous()
+
+    def causal(b, h, qi, ki):
+        return ki <= qi
+
+    return BlockMask.from_kv_blocks(diag_num, diag_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=causal, seq_lengths=(n, n))
+
+
+def sparse_prefill_flex(q, k, v, kept_idx, budget, *, scale):
+    """Graph-capturable kernel: compacted causal attention with the budget on the device
+    (``sparse_queries`` mode, plain causal attention only; see module docstring).
+
+    One FlexAttention call per sequence, each on its own gathered buffers: a batched call
+    (CUDA) and calls on batch slices (storage offset; CPU and CUDA) read the wrong sequence in
+    torch 2.11-2.13."""
+    from torch.nn.attention.flex_attention import flex_attention
 
     B, H, n, _ = q.shape
-    k_c, v_c = gather_rows(k, kept_idx), gather_rows(v, kept_idx)
-    if sparse_queries:
-        q_c = gather_rows(q, kept_idx)
-
-        def mask_mod(b, h, qi, ki):
-            return (qi < budget[b]) & (ki <= qi)
-    else:
-        q_c = q.contiguous()
-
-        def mask_mod(b, h, qi, ki):
-            return (ki < budget[b]) & (kept_idx[b, ki] <= qi)
-    block_mask = create_block_mask(mask_mod, B, None, n, n, device=q.device)
-    out = flex_attention(q_c, k_c, v_c, block_mask=block_mask, scale=scale,
-                         enable_gqa=k.shape[1] != H)
-    if sparse_queries:  # rows >= budget are exact zeros; undo the permutation
-        return scatter_rows(out, kept_idx, n)
-    return out
+    outs = []
+    for b in range(B):
+        idx = kept_idx[b:b + 1]
+        q_c, k_c, v_c = (gather_rows(x[b:b + 1], idx).contiguous() for x in (q, k, v))
+        outs.append(flex_attention(q_c, k_c, v_c, scale=scale, enable_gqa=k.shape[1] != H,
+                                   block_mask=prefix_causal_block_mask(budget[b:b + 1], n)))
+    out = outs[0] if B == 1 else torch.cat(outs, dim=0)
+    return scatter_rows(_zero_rows_beyond(out, budget), kept_idx, n)
