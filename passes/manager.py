@@ -16,6 +16,7 @@ class SiteDecision:
     """What the passes decided for one site of one graph."""
 
     name: str
+    module_type: str
     phase: str
     pattern: str
     sparse: bool
@@ -43,15 +44,15 @@ class PassManager:
         decisions, salt = [], 0
         for site in found:
             reason = classify.dense_reason(site, kernel, self.settings["sparse_queries"])
-            record = stats.SiteRecord(site=site.name, phase=site.phase,
+            record = stats.SiteRecord(site=site.name, module=site.module_type, phase=site.phase,
                                       path="dense" if reason else "sparse", reason=reason,
                                       kernel="" if reason else kernel)
             uid = stats.register(record)
             if not reason:
                 rewrite.rewrite_site(gm, site, dict(self.settings, site=uid, salt=salt))
                 salt += 1
-            decisions.append(SiteDecision(site.name, site.phase, site.pattern, not reason,
-                                          reason, uid))
+            decisions.append(SiteDecision(site.name, site.module_type, site.phase, site.pattern,
+                                          not reason, reason, uid))
         if salt:
             gm.graph.eliminate_dead_code()
             gm.recompile()

@@ -43,6 +43,15 @@ class AttentionSite:
         return module_path(self.output)
 
     @property
+    def module_type(self) -> str:
+        """Class name of the module that made the call ("" when unknown)."""
+        stack = self.output.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        typ = list(stack.values())[-1][1]
+        return typ.__name__ if isinstance(typ, type) else str(typ).rsplit(".", 1)[-1].strip("'>")
+
+    @property
     def phase(self) -> str:
         lq = shape(self.q)
         return "decode" if lq is not None and lq[-2] == 1 else "prefill"

@@ -26,6 +26,7 @@ class SiteRecord:
     phase: str
     path: str
     reason: str = ""
+    module: str = ""
     kernel: str = ""
     seq_len: int | None = None
     kept: list[int] = field(default_factory=list)
@@ -122,9 +123,9 @@ def format_stats(records: list[SiteRecord] | None = None) -> str:
     rows = []
     for r in stats() if records is None else records:
         ratio = r.kept_ratio
-        rows.append([r.site, r.phase, r.seq_len if r.seq_len is not None else "-",
+        rows.append([r.site, r.module or "-", r.phase, r.seq_len if r.seq_len is not None else "-",
                      ",".join(map(str, r.kept)) or "-",
                      f"{ratio:.3f}" if ratio is not None else "-", r.path, r.kernel or "-",
                      r.reason or ""])
-    return tabulate(rows, headers=["site", "phase", "seq", "kept", "ratio", "path", "kernel",
+    return tabulate(rows, headers=["site", "module", "phase", "seq", "kept", "ratio", "path", "kernel",
                                    "reason"])

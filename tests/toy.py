@@ -60,13 +60,13 @@ class ToyDecoder(nn.Module):
 
 
 def padding_mask(lengths, n, left=True, dtype=torch.bool):
-    """[B, 1, n, n] causal mask with each sequence padded on the left (or right) to n."""
+    """[B, 1, n, n] causal mask of sequences padded on the left (or right) to n, as transformers
+    5 builds it: no query attends a padding key, so padded rows are empty (left) or see the
+    valid prefix but not themselves (right).  Returns (mask, valid [B, n])."""
     B = len(lengths)
     pos = torch.arange(n)
     valid = torch.stack([(pos >= n - L) if left else (pos < L) for L in lengths])
     ok = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]
-    ok = ok | torch.eye(n, dtype=torch.bool)[None]  # padded queries see themselves (no NaN rows)
-    ok = ok & (valid[:, :, None] | torch.eye(n, dtype=torch.bool)[None])
     if dtype == torch.bool:
         return ok[:, None], valid
     return torch.zeros(B, 1, n, n).masked_fill(~ok[:, None], torch.finfo(dtype).min), valid

@@ -28,8 +28,9 @@ def resolve_kernel(kernel: str, mode: str | None) -> str:
 class ZipVLBackend:
     """A configured zipvl backend (callable as a torch.compile backend)."""
 
-    def __init__(self, config: ZipVLConfig | None = None):
+    def __init__(self, config: ZipVLConfig | None = None, *, inductor: bool = True):
         self.config = config or ZipVLConfig()
+        self.inductor = inductor  # False: run the rewritten graph eagerly (debugging)
         self.decisions: list[SiteDecision] = []  # every site of every graph compiled so far
 
     def __repr__(self) -> str:
@@ -52,13 +53,19 @@ class ZipVLBackend:
         self.decisions.extend(decisions)
         logger.debug("zipvl: graph with %d attention sites, %d sparse", len(decisions),
                      sum(d.sparse for d in decisions))
+        if not self.inductor:
+            return gm.forward
         return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
-def backend(config: ZipVLConfig | None = None, **fields) -> ZipVLBackend:
-    """A zipvl backend with ``config`` (default ``ZipVLConfig()``) updated by ``fields``."""
+def backend(config: ZipVLConfig | None = None, *, inductor: bool = True,
+            **fields) -> ZipVLBackend:
+    """A zipvl backend with ``config`` (default ``ZipVLConfig()``) updated by ``fields``.
+
+    ``inductor=False`` applies the passes but runs the rewritten graph eagerly (no Inductor):
+    slower, useful to debug a model's attention sites quickly."""
     config = config or ZipVLConfig()
-    return ZipVLBackend(config.replace(**fields) if fields else config)
+    return ZipVLBackend(config.replace(**fields) if fields else config, inductor=inductor)
 
 
 def zipvl_backend(gm, example_inputs, *, mode=None, options=None):

@@ -1,0 +1,46 @@
+"""Tiny random-weight transformers VLMs built from configs (no downloads)."""
+import torch
+
+
+def qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                 "rope_theta": 10000.0},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, in_channels=3,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=250,
+                        video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    grid = torch.tensor([[1, 4, 4]])  # 16 patches -> 4 merged image tokens
+    pixels = torch.randn(16, 3 * 2 * 14 * 14)
+    ids = torch.tensor([[1, 10, 11, 252] + [250] * 4 + [253] + list(range(20, 30))])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                  image_grid_thw=grid, mm_token_type_ids=(ids == 250).int())
+    return model, inputs
+
+
+def llava():
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=32)
+    text = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=250,
+                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([[1, 10, 11] + [250] * 16 + list(range(20, 30))])  # 16 image tokens
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       pixel_values=torch.randn(1, 3, 32, 32))

@@ -1,0 +1,140 @@
+"""Site discovery and classification.  The rewritten graphs run eagerly (``inductor=False``), so
+these tests need no Inductor compile; ``test_compiled.py`` covers the compiled path."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zipvl_compile
+from conftest import planted_qkv
+from toy import ToyDecoder
+from zipvl_compile import ZipVLConfig, reference
+from zipvl_compile.backend import resolve_kernel
+
+CFG = ZipVLConfig(tau=0.9, recent_probes=8, random_probes=8, keep_recent=4)
+
+
+def eager_backend(**fields):
+    return zipvl_compile.backend(CFG, inductor=False, **fields)
+
+
+def compile_fn(fn, **fields):
+    be = eager_backend(**fields)
+    return torch.compile(fn, backend=be, dynamic=False), be
+
+
+def only_site(be):
+    assert len(be.decisions) == 1
+    return be.decisions[0]
+
+
+def test_causal_sdpa_is_rewritten_and_matches_reference():
+    (q, k, v), _ = planted_qkv()
+    f, be = compile_fn(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True))
+    out = f(q, k, v)
+    assert only_site(be).sparse
+    torch.testing.assert_close(out, reference.zipvl_attention(q, k, v, CFG)[0])
+
+
+@pytest.mark.parametrize("call,reason", [
+    (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), "non-causal attention without"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q[:, :, -1:], k, v, enable_gqa=True),
+     "decode step"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q[:, :, :50], k, v, is_causal=True,
+                                                    enable_gqa=True), "lengths differ"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1,
+                                                    enable_gqa=True), "dropout_p"),
+    (lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        attn_mask=torch.ones(q.shape[0], q.shape[1], q.shape[2], q.shape[2],
+                             dtype=torch.bool).tril()), "per-head"),
+])
+def test_unsupported_sites_stay_dense_with_a_reason(call, reason):
+    (q, k, v), _ = planted_qkv()
+    if "non-causal" in reason:
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    torch.manual_seed(0)
+    f, be = compile_fn(call)
+    torch.manual_seed(0)
+    expected = call(q, k, v)
+    torch.manual_seed(0)
+    out = f(q, k, v)
+    site = only_site(be)
+    assert not site.sparse and reason in site.reason
+    if "dropout" not in reason:
+        assert torch.equal(out, expected)  # the untouched dense path
+    rec = [r for r in zipvl_compile.stats() if r.path == "dense" and reason in r.reason]
+    assert rec, zipvl_compile.format_stats()
+
+
+def test_bidirectional_mask_falls_back_to_dense_at_run_time(caplog):
+    (q, k, v), _ = planted_qkv(B=1, n=60)
+    mask = torch.ones(60, 60, dtype=torch.bool).tril()
+    mask[10:30, 10:30] = True  # image span attends both ways (Gemma3 / PaliGemma style)
+    f, be = compile_fn(lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, enable_gqa=True))
+    zipvl_compile.reset_stats()
+    with caplog.at_level(logging.INFO, logger="zipvl_compile"):
+        out = f(q, k, v, mask)
+        f(q, k, v, mask)
+    assert only_site(be).sparse  # decided at run time, not at compile time
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, expected)
+    (rec,) = zipvl_compile.stats()
+    assert rec.path == "dense" and "non-causal mask at run time" in rec.reason
+    assert sum("non-causal mask at run time" in m for m in caplog.messages) == 1  # logged once
+
+
+def test_graph_capturable_kernel_refuses_masks_with_a_reason():
+    (q, k, v), _ = planted_qkv(B=1, n=40)
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()
+    f, be = compile_fn(lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, enable_gqa=True), kernel="flex")
+    f(q, k, v, mask)
+    assert "kernel='sdpa'" in only_site(be).reason
+
+
+def test_unfused_attention_pattern_is_found_and_rewritten():
+    model = ToyDecoder(attention="unfused").eval()
+    ids = torch.randint(0, 64, (2, 90))
+    mask = torch.zeros(2, 1, 90, 90).masked_fill(
+        ~torch.ones(90, 90, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+    be = eager_backend()
+    out = torch.compile(model, backend=be, dynamic=False)(ids, mask)
+    assert [d.pattern for d in be.decisions] == ["unfused", "unfused"]
+    assert all(d.sparse for d in be.decisions)
+
+    def ref_attn(q, k, v, m, layer):
+        return reference.zipvl_attention(q, k, v, CFG, attn_mask=m, salt=layer)[0]
+
+    ref_model = ToyDecoder(attention=ref_attn).eval()
+    ref_model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(out, ref_model(ids, mask))
+
+
+def test_unfused_weights_used_elsewhere_stay_dense():
+    def attn_with_weights(q, k, v):
+        w = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1)
+        return w @ v, w.mean()
+
+    (q, k, v), _ = planted_qkv(Hkv=4)
+    f, be = compile_fn(attn_with_weights)
+    out, _ = f(q, k, v)
+    assert "used elsewhere" in only_site(be).reason
+    torch.testing.assert_close(out, attn_with_weights(q, k, v)[0])
+
+
+def test_kernel_choice_follows_the_mode():
+    assert resolve_kernel("auto", None) == "sdpa"
+    assert resolve_kernel("auto", "reduce-overhead") == "flex"
+    assert resolve_kernel("sdpa", "reduce-overhead") == "sdpa"
+
+
+def test_options_configure_the_named_backend_and_are_validated():
+    (q, k, v), _ = planted_qkv(B=1, n=30)
+    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True), backend="zipvl", options={"tau": 7.0})
+    with pytest.raises(Exception, match="tau"):
+        f(q, k, v)
