@@ -49,6 +49,7 @@ _clock = itertools.count()
 _lock = threading.Lock()
 _sites: dict[int, _Site] = {}
 _reported: set[tuple] = set()
+_epoch = -1  # clock value at the last reset: older records are hidden
 
 
 def register(record: SiteRecord) -> int:
@@ -94,6 +95,8 @@ def stats() -> list[SiteRecord]:
     latest: dict[tuple, _Site] = {}
     first_seen: dict[tuple, int] = {}
     for site in _sites.values():
+        if site.touched <= _epoch:
+            continue
         key = (site.record.site, site.record.phase)
         first_seen.setdefault(key, site.uid)
         if key not in latest or site.touched > latest[key].touched:
@@ -110,9 +113,11 @@ def stats() -> list[SiteRecord]:
 
 
 def reset() -> None:
-    """Forget every site (call between unrelated models)."""
+    """Hide every record until its site reports again (sparse sites report on each forward,
+    dense sites when they are compiled).  Compiled graphs stay valid."""
+    global _epoch
     with _lock:
-        _sites.clear()
+        _epoch = next(_clock)
         _reported.clear()
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import models
+from zipvl_compile import tiny_models as models
 import zipvl_compile
 
 BUILDERS = {"qwen2_vl": models.qwen2_vl, "llava": models.llava}

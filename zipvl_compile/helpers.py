@@ -7,6 +7,8 @@ Qwen2-VL).  Compiling only the language model gives one graph per phase.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .backend import ZipVLBackend, backend as make_backend
@@ -42,5 +44,10 @@ def compile_language_model(model: torch.nn.Module, config: ZipVLConfig | None = 
     kwargs = {"backend": zipvl, "dynamic": dynamic}
     if mode is not None:
         kwargs["mode"] = mode
+    # transformers wraps every model's forward in one shared decorator function, so Dynamo's
+    # per-function recompile limit (8) would be shared by every model compiled in the process
+    # and later graphs would silently run eagerly.  Isolate this compilation where supported.
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        kwargs["isolate_recompiles"] = True
     find_language_model(model).compile(**kwargs)
     return zipvl

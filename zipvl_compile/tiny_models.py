@@ -1,4 +1,8 @@
-"""Tiny random-weight transformers VLMs built from configs (no downloads)."""
+"""Tiny random-weight transformers VLMs built from configs (no downloads), for demos and tests.
+
+Needs `transformers` (the `hf` extra).  Each builder returns `(model, inputs)`: an eval-mode
+model with SDPA attention and the keyword inputs of one image-text prompt.
+"""
 import torch
 
 
