@@ -75,7 +75,12 @@ def _zero_rows_beyond(x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return torch.where((r[None, :] < budget[:, None])[:, None, :, None], x, 0.0)
 
 
-@torch.library.custom_op("zipvl::sparse_prefill_sdpa", mutates_args=())
+# The host read of the budget cannot be recorded into a CUDA graph: Inductor partitions around
+# (or skips CUDA graphs for) ops with this tag.
+_HOST_SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("zipvl::sparse_prefill_sdpa", mutates_args=(), tags=_HOST_SYNC_TAGS)
 def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         kept_idx: torch.Tensor, budget: torch.Tensor, n_valid: torch.Tensor,
                         attn_mask: Optional[torch.Tensor], mask_kind: Optional[torch.Tensor],
@@ -106,6 +111,10 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         else:
             rows = mask4[:, 0].gather(1, idx[:, :, None].expand(B, m, n))
             sub = rows.gather(2, idx[:, None, :].expand(B, m, m))[:, None]
+            slot_ok = (torch.arange(m, device=q.device)[None, :] < budget[:, None])[:, None, None]
+            # slots past a shorter budget hold dropped tokens: never attend to them
+            sub = (sub & slot_ok if sub.dtype == torch.bool
+                   else sub.masked_fill(~slot_ok, float("-inf")))
             o_c = F.scaled_dot_product_attention(q_c, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
                                                  attn_mask=sub, scale=scale)
         if min(budgets) < m:  # rows past a shorter budget hold dropped tokens

@@ -41,7 +41,8 @@ class SiteRecord:
 
 class _Site:
     def __init__(self, uid: int, record: SiteRecord):
-        self.uid, self.record, self.pending = uid, record, None
+        self.uid, self.record = uid, record
+        self.pending: torch.Tensor | None = None  # [2, B] host copy of (budget, n_valid)
         self.touched = next(_clock)
 
 
@@ -84,10 +85,18 @@ def update(uid: int, seq_len: int, kept: list[int], valid: list[int], path: str 
 
 
 def update_lazy(uid: int, seq_len: int, budget: torch.Tensor, n_valid: torch.Tensor) -> None:
-    """Runtime update with device tensors, read later (graph-capturable kernel: no sync)."""
+    """Runtime update without a sync (graph-capturable kernel): an asynchronous copy of the
+    budgets into a host buffer this site owns, read when ``stats()`` is called.  The copy is
+    recorded into CUDA graphs and replays with them; no device tensor is kept alive."""
     site = _sites[uid]
+    values = torch.stack([budget, n_valid])
+    host = site.pending
+    if host is None or host.shape != values.shape:
+        pin = values.is_cuda and torch.cuda.is_available()
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=pin)
+    host.copy_(values, non_blocking=True)
     site.record.seq_len = seq_len
-    site.pending, site.touched = (budget, n_valid), next(_clock)
+    site.pending, site.touched = host, next(_clock)
 
 
 def stats() -> list[SiteRecord]:
@@ -101,13 +110,13 @@ def stats() -> list[SiteRecord]:
         first_seen.setdefault(key, site.uid)
         if key not in latest or site.touched > latest[key].touched:
             latest[key] = site
+    if torch.cuda.is_available() and any(s.pending is not None for s in latest.values()):
+        torch.cuda.synchronize()  # pending host copies of budgets have landed
     out = []
     for key in sorted(latest, key=first_seen.__getitem__):
         site = latest[key]
         if site.pending is not None:
-            budget, n_valid = site.pending
-            site.record.kept, site.record.valid = budget.tolist(), n_valid.tolist()
-            site.pending = None
+            site.record.kept, site.record.valid = site.pending.tolist()
         out.append(site.record)
     return out
 

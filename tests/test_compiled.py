@@ -84,3 +84,17 @@ def test_new_content_never_recompiles_new_length_at_most_once(model):
         torch.testing.assert_close(f(ids), ref(ids), rtol=1e-4, atol=1e-4)
         assert zipvl_compile.stats()[0].seq_len == n
     assert len(calls) == 2  # static first graph, then one dynamic graph for all lengths
+
+
+@torch.no_grad()
+def test_unfused_attention_with_additive_padding_mask_compiles():
+    torch.manual_seed(1)
+    model = ToyDecoder(layers=2, attention="unfused").eval()
+    mask, valid = padding_mask([150, 110], 150, left=True, dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 150))
+    be = zipvl_compile.backend(CFG)
+    out = torch.compile(model, backend=be, dynamic=False)(ids, mask)
+    assert [(d.pattern, d.sparse) for d in be.decisions] == [("unfused", True)] * 2
+    expected = reference_model(model, CFG)(ids, mask)
+    torch.testing.assert_close(out[valid], expected[valid], rtol=1e-4, atol=1e-4)
+    assert zipvl_compile.stats()[0].valid == [150, 110]

@@ -138,3 +138,30 @@ def test_options_configure_the_named_backend_and_are_validated():
         q, k, v, is_causal=True, enable_gqa=True), backend="zipvl", options={"tau": 7.0})
     with pytest.raises(Exception, match="tau"):
         f(q, k, v)
+
+
+def _masked_sdpa(q, k, v, m):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+
+
+def _causal_variants(n):
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    window = causal & ~torch.ones(n, n, dtype=torch.bool).tril(-24)  # sliding window of 24
+    additive = torch.zeros(n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+    alibi = additive - 0.05 * (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)
+    return {"sliding window": window, "additive": additive, "bias": alibi}
+
+
+@pytest.mark.parametrize("variant", ["sliding window", "additive", "bias"])
+@pytest.mark.parametrize("sparse_queries", [True, False])
+def test_masks_beyond_causal_padding_are_applied_exactly(variant, sparse_queries):
+    (q, k, v), _ = planted_qkv(B=2, n=100)
+    mask = _causal_variants(100)[variant][None, None]
+    f, be = compile_fn(_masked_sdpa, sparse_queries=sparse_queries)
+    out = f(q, k, v, mask)
+    assert only_site(be).sparse
+    cfg = CFG.replace(sparse_queries=sparse_queries)
+    expected, sels = reference.zipvl_attention(q, k, v, cfg, attn_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (rec,) = zipvl_compile.stats()
+    assert rec.path == "sparse" and rec.kept == [s.budget for s in sels]
