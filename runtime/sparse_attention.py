@@ -69,10 +69,30 @@ def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _within_budget(m: int, budget: torch.Tensor) -> torch.Tensor:
+    """[B, m] bool: compacted slot r holds a kept token (r < budget[b]).  Slots past a shorter
+    budget hold dropped tokens, appended so that one call serves the whole batch."""
+    return torch.arange(m, device=budget.device)[None, :] < budget[:, None]
+
+
 def _zero_rows_beyond(x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Zero rows r >= budget[b] of x [B, h, m, d] (also clears NaN of fully masked rows)."""
-    r = torch.arange(x.shape[2], device=x.device)
-    return torch.where((r[None, :] < budget[:, None])[:, None, :, None], x, 0.0)
+    return torch.where(_within_budget(x.shape[2], budget)[:, None, :, None], x, 0.0)
+
+
+def _kept_key_mask(mask4, query_pos, idx, budget):
+    """Attention mask [B, 1, r, m] of the queries at positions ``query_pos`` [B, r] over the
+    kept key slots ``idx`` [B, m]: the model's mask at those positions (bool, or additive float
+    with -inf where blocked), or causal by position when ``mask4`` is None.  Key slots past
+    each budget are always blocked."""
+    slot_ok = _within_budget(idx.shape[1], budget)[:, None, :]
+    if mask4 is None:
+        return ((idx[:, None, :] <= query_pos[:, :, None]) & slot_ok)[:, None]
+    rows = mask4[:, 0].gather(1, query_pos[:, :, None].expand(-1, -1, mask4.shape[-1]))
+    sub = rows.gather(2, idx[:, None, :].expand(-1, query_pos.shape[1], -1))
+    if sub.dtype == torch.bool:
+        return (sub & slot_ok)[:, None]
+    return masks.bias(sub).masked_fill(~(masks.allowed(sub) & slot_ok), float("-inf"))[:, None]
 
 
 # The host read of the budget cannot be recorded into a CUDA graph: Inductor partitions around
@@ -101,36 +121,24 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     m = max(budgets)
     idx = kept_idx[:, :m]
     k_c, v_c = gather_rows(k, idx), gather_rows(v, idx)
-    gqa = k.shape[1] != H
     if sparse_queries:
         q_c = gather_rows(q, idx)
         if kind == masks.STANDARD:
             with _causal_backends(q.device):
                 o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale,
-                                                     enable_gqa=gqa)
+                                                     enable_gqa=k.shape[1] != H)
         else:
-            rows = mask4[:, 0].gather(1, idx[:, :, None].expand(B, m, n))
-            sub = rows.gather(2, idx[:, None, :].expand(B, m, m))[:, None]
-            slot_ok = (torch.arange(m, device=q.device)[None, :] < budget[:, None])[:, None, None]
-            # slots past a shorter budget hold dropped tokens: never attend to them
-            sub = (sub & slot_ok if sub.dtype == torch.bool
-                   else sub.masked_fill(~slot_ok, float("-inf")))
             o_c = F.scaled_dot_product_attention(q_c, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
-                                                 attn_mask=sub, scale=scale)
-        if min(budgets) < m:  # rows past a shorter budget hold dropped tokens
+                                                 attn_mask=_kept_key_mask(mask4, idx, idx, budget),
+                                                 scale=scale)
+        if min(budgets) < m:
             o_c = _zero_rows_beyond(o_c, budget)
         return scatter_rows(o_c, idx, n)
-    slot_ok = torch.arange(m, device=q.device)[None, :] < budget[:, None]  # [B, m]
-    if mask4 is None:
-        pos = torch.arange(n, device=q.device)
-        ok, bias = (idx[:, None, :] <= pos[None, :, None]) & slot_ok[:, None, :], None  # [B, n, m]
-    else:
-        cols = mask4[:, 0].gather(2, idx[:, None, :].expand(B, n, m))
-        ok, bias = masks.allowed(cols) & slot_ok[:, None, :], masks.bias(cols)
-    sub = ok if bias is None else bias.masked_fill(~ok, float("-inf"))
+    every_pos = torch.arange(n, device=q.device).expand(B, n)
+    sub = _kept_key_mask(mask4, every_pos, idx, budget)  # [B, 1, n, m]
     out = F.scaled_dot_product_attention(q, _repeat_kv(k_c, H), _repeat_kv(v_c, H),
-                                         attn_mask=sub[:, None], scale=scale)
-    out = torch.where(ok.any(-1)[:, None, :, None], out, 0.0)
+                                         attn_mask=sub, scale=scale)
+    out = torch.where(masks.allowed(sub).any(-1)[:, :, :, None], out, 0.0)  # no key: zero row
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
