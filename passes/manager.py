@@ -1,8 +1,6 @@
 """The pass pipeline: find sites, classify them, rewrite the sparse ones, register statistics."""
 from __future__ import annotations
 
-import hashlib
-import inspect
 from dataclasses import dataclass
 
 from torch import fx
@@ -31,11 +29,6 @@ class PassManager:
 
     def __init__(self, settings: dict):
         self.settings = settings
-
-    def uuid(self) -> str:
-        """Stable id of these passes and settings (for compile caches keyed on custom passes)."""
-        src = "".join(inspect.getsource(m) for m in (sites, classify, rewrite))
-        return hashlib.sha256((src + repr(sorted(self.settings.items()))).encode()).hexdigest()
 
     def __call__(self, gm: fx.GraphModule) -> list[SiteDecision]:
         order = {node: i for i, node in enumerate(gm.graph.nodes)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,8 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 @dataclass
 class AttentionSite:
-    """One attention call.  ``output`` is the node producing [B, H, n, dv]; ``pattern`` is
-    "sdpa" or "unfused"; ``chain`` lists the unfused nodes replaced by the rewrite."""
+    """One attention call.  ``output`` is the node producing [B, H, n, dv] (the softmax, for an
+    unfused pattern that cannot be replaced); ``pattern`` is "sdpa" or "unfused"."""
 
     output: fx.Node
     q: fx.Node
@@ -35,7 +35,6 @@ class AttentionSite:
     scale: object
     enable_gqa: bool
     pattern: str
-    chain: list = field(default_factory=list)
     problem: str = ""  # set by the matcher when the pattern cannot be replaced exactly
 
     @property
@@ -162,32 +161,26 @@ def find_unfused(gm: fx.GraphModule) -> list[AttentionSite]:
         if k is None:
             continue
         # forward: softmax -> casts/dropout -> matmul(weights, v)
-        chain, cur, problem, dropout = [mm, x, sm], sm, "", 0.0
+        cur, problem, dropout = sm, "", 0.0
         while True:
             nxt = _single_user(cur)
             if nxt is None:
                 problem = "attention weights are used elsewhere (e.g. output_attentions)"
                 break
-            if _is_call(nxt, methods=_CASTS):
-                chain.append(nxt)
-                cur = nxt
-                continue
             if _is_call(nxt, {F.dropout, torch.dropout}, {"dropout"}):
                 p = nxt.kwargs.get("p", nxt.args[1] if len(nxt.args) > 1 else 0.5)
                 training = nxt.kwargs.get("training", nxt.args[2] if len(nxt.args) > 2 else True)
                 dropout = p if training else 0.0
-                chain.append(nxt)
-                cur = nxt
-                continue
-            break
+            elif not _is_call(nxt, methods=_CASTS):
+                break
+            cur = nxt
         if problem:
-            out = sm
+            out, v = sm, None
         elif _is_call(nxt, _MATMUL, {"matmul"}) and nxt.args[0] is cur:
-            out = nxt
+            out, v = nxt, nxt.args[1]
         else:
             continue
         sites.append(AttentionSite(
-            output=out, q=mm.args[0], k=k, v=out.args[1] if out is not sm else None,
-            attn_mask=mask, is_causal=False, dropout_p=dropout, scale=scale, enable_gqa=False,
-            pattern="unfused", chain=chain + ([out] if out is not sm else []), problem=problem))
+            output=out, q=mm.args[0], k=k, v=v, attn_mask=mask, is_causal=False,
+            dropout_p=dropout, scale=scale, enable_gqa=False, pattern="unfused", problem=problem))
     return sites

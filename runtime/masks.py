@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 STANDARD, CAUSAL, NONCAUSAL = 0, 1, 2
-KIND_NAMES = {STANDARD: "causal+padding", CAUSAL: "causal (custom)", NONCAUSAL: "non-causal"}
 
 
 def as_4d(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:

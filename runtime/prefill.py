@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import masks, selection
-from .sparse_attention import sparse_prefill_flex, sparse_prefill_sdpa, observe_budget  # noqa: F401
+# importing sparse_attention registers the torch.ops.zipvl custom ops used below
+from .sparse_attention import sparse_prefill_flex
 
 
 def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, recent_probes,

@@ -47,17 +47,15 @@ def _attend(q, k, v, ok, bias, scale):
     return probs @ v.float()
 
 
-def select_sequence(q, k, allowed, bias, config: ZipVLConfig, scale: float, salt: int,
-                    probes=None):
+def select_sequence(q, k, allowed, bias, config: ZipVLConfig, scale: float, salt: int):
     """Steps 1-6 for one sequence: q [H, n, d], k [Hkv, n, d], allowed [n, n]."""
     H, n, _ = q.shape
     group = H // k.shape[0]
     valid = allowed.diagonal()
     n_valid = int(valid.sum())
-    if probes is None:
-        probes, probe_valid = probe_positions(valid[None], config.recent_probes,
-                                              config.random_probes, config.seed, salt)
-        probes = [int(p) for p, ok in zip(probes[0], probe_valid[0]) if ok]
+    probes, probe_valid = probe_positions(valid[None], config.recent_probes,
+                                          config.random_probes, config.seed, salt)
+    probes = [int(p) for p, ok in zip(probes[0], probe_valid[0]) if ok]
     # Step 2-3: probe attention and accumulated score per key.
     acc = torch.zeros(n, dtype=torch.float64)
     seen_by = torch.zeros(n, dtype=torch.float64)
