@@ -68,3 +68,15 @@ def test_full_model_compile_keeps_vision_attention_dense_llava():
     assert all("non-causal" in d.reason for d in vision)
     table = zipvl_compile.format_stats()
     assert all(d.name in table for d in be.decisions)
+
+
+@torch.no_grad()
+def test_model_compile_by_name_generate_equals_eager_at_tau_one():
+    model, inputs = models.llava()
+    expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    model.compile(backend="zipvl", options={"tau": 1.0})  # the entry-point name, configured
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, expected)
+    prefill = [r for r in zipvl_compile.stats() if r.phase == "prefill" and r.path == "sparse"]
+    assert len(prefill) == model.config.text_config.num_hidden_layers
+    assert all(r.kept_ratio == 1.0 for r in prefill)
