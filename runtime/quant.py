@@ -1,0 +1,95 @@
+"""Group-wise asymmetric integer quantization of K/V, packed into bytes (building block of the
+mixed-precision KV cache, issue 3).
+
+Layout follows KIVI: keys are quantized per channel (a group is ``group_size`` consecutive
+tokens of one channel, so outlier channels get their own range), values per token (a group is
+``group_size`` consecutive channels of one token).  Codes of ``bits`` in {8, 4, 2} are packed
+``8 // bits`` to a byte along the channel dimension; ``bits=16`` stores the tensor unchanged.
+
+Shapes: ``x [..., T, d]``.  Per channel needs ``T % group_size == 0`` (the cache keeps the
+remainder in its full-precision residual window); per token needs ``d % group_size == 0``.
+Scales and minima are stored in float16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (16, 8, 4, 2)
+
+
+@dataclass
+class Quantized:
+    """Packed codes ``data [..., T, d * bits // 8]`` uint8 (or the raw tensor at 16 bits),
+    ``scale``/``low`` [..., T // g, d] (per channel) or [..., T, d // g] (per token)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    low: torch.Tensor | None
+    bits: int
+    group_size: int
+    per_channel: bool
+    dtype: torch.dtype
+
+    def nbytes(self) -> int:
+        """Bytes of device storage this tensor holds (codes, scales, minima)."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.low)
+                   if t is not None)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., d] with values < 2**bits -> [..., d * bits // 8] bytes (low bits first)."""
+    per_byte = 8 // bits
+    grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack``: [..., d * bits // 8] bytes -> uint8 codes [..., d]."""
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+
+
+def _grouped(x: torch.Tensor, group_size: int, per_channel: bool) -> torch.Tensor:
+    """View x [..., T, d] as groups on dim -2: [..., T//g, g, d] or [..., T, d//g, g]."""
+    *lead, T, d = x.shape
+    if per_channel:
+        return x.reshape(*lead, T // group_size, group_size, d)
+    return x.reshape(*lead, T, d // group_size, group_size)
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, per_channel: bool) -> Quantized:
+    """Quantize x [..., T, d] (see module docstring for the layout and shape rules)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS} (got {bits})")
+    T, d = x.shape[-2:]
+    if bits == 16:
+        return Quantized(x, None, None, 16, group_size, per_channel, x.dtype)
+    if (T if per_channel else d) % group_size:
+        axis = "tokens" if per_channel else "channels"
+        raise ValueError(f"group_size {group_size} must divide the number of {axis} "
+                         f"({T if per_channel else d})")
+    g = _grouped(x.float(), group_size, per_channel)
+    reduce_dim = -2 if per_channel else -1
+    low = g.amin(dim=reduce_dim, keepdim=True)
+    scale = (g.amax(dim=reduce_dim, keepdim=True) - low) / ((1 << bits) - 1)
+    scale = scale.clamp(min=1e-8).half()
+    low = low.half()
+    codes = torch.round((g - low.float()) / scale.float()).clamp(0, (1 << bits) - 1)
+    codes = codes.to(torch.uint8).reshape(x.shape)
+    return Quantized(pack(codes, bits), scale.squeeze(reduce_dim), low.squeeze(reduce_dim),
+                     bits, group_size, per_channel, x.dtype)
+
+
+def dequantize(q: Quantized) -> torch.Tensor:
+    """Back to q.dtype: [..., T, d]."""
+    if q.bits == 16:
+        return q.data
+    codes = unpack(q.data, q.bits).float()
+    g = _grouped(codes, q.group_size, q.per_channel)
+    expand_dim = -2 if q.per_channel else -1
+    out = g * q.scale.float().unsqueeze(expand_dim) + q.low.float().unsqueeze(expand_dim)
+    return out.reshape(codes.shape).to(q.dtype)

@@ -1,0 +1,62 @@
+"""KV quantization primitive (groundwork of the mixed-precision cache): error bounds, packing,
+storage accounting."""
+import pytest
+import torch
+
+from zipvl_compile.runtime import quant
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_is_exact(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.uint8)
+    packed = quant.pack(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack(packed, bits), codes)
+
+
+def per_element(param, shape, group_size, per_channel):
+    """Expand a group parameter [..., T//g, d] or [..., T, d//g] to the element shape."""
+    dim = -2 if per_channel else -1
+    return param.float().repeat_interleave(group_size, dim=dim).reshape(shape)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_roundtrip_error_within_half_a_step(bits, per_channel, dtype):
+    x = (torch.randn(2, 4, 96, 64) * torch.rand(64) * 3).to(dtype)  # channels of mixed range
+    q = quant.quantize(x, bits, group_size=32, per_channel=per_channel)
+    out = quant.dequantize(q)
+    assert out.dtype == dtype and out.shape == x.shape
+    step = per_element(q.scale, x.shape, 32, per_channel)
+    low = per_element(q.low, x.shape, 32, per_channel)
+    # half a quantization step, plus rounding of the fp16 minimum and of the output dtype
+    rounding = 1e-3 * low.abs() + (8e-3 if dtype == torch.bfloat16 else 1e-6) * x.float().abs()
+    assert ((out.float() - x.float()).abs() <= 0.5 * step * 1.001 + rounding + 1e-6).all()
+
+
+def test_per_channel_keys_contain_outlier_channels():
+    k = torch.randn(1, 2, 128, 64)
+    k[..., 7] *= 50  # an outlier channel, as real keys have
+    per_channel = quant.quantize(k, 2, 32, per_channel=True)
+    per_token = quant.quantize(k, 2, 32, per_channel=False)
+    normal = [c for c in range(64) if c != 7]
+    err_c = (quant.dequantize(per_channel) - k)[..., normal].abs().mean()
+    err_t = (quant.dequantize(per_token) - k)[..., normal].abs().mean()
+    assert err_c < 0.5 * err_t
+
+
+def test_storage_accounting_and_sixteen_bits():
+    x = torch.randn(1, 4, 256, 128, dtype=torch.bfloat16)
+    q4 = quant.quantize(x, 4, 64, per_channel=True)
+    assert q4.nbytes() == x.numel() // 2 + 2 * (x.numel() // 64) * 2  # codes + fp16 scale/low
+    assert q4.nbytes() < 0.3 * x.numel() * 2
+    q16 = quant.quantize(x, 16, 64, per_channel=True)
+    assert q16.data is x and q16.nbytes() == x.numel() * 2
+
+
+def test_invalid_arguments_are_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize(torch.randn(4, 8), 3, 4, per_channel=True)
+    with pytest.raises(ValueError, match="group_size 32 must divide the number of tokens"):
+        quant.quantize(torch.randn(40, 8), 4, 32, per_channel=True)
