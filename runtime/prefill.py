@@ -7,19 +7,27 @@ Inductor's cache key, depend on nothing but the node itself.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import masks, selection
+from . import masks, selection, stats
 # importing sparse_attention registers the torch.ops.zipvl custom ops used below
 from .sparse_attention import sparse_prefill_flex
 
 
 def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, recent_probes,
-                  random_probes, keep_recent, min_keep, seed, salt, sparse_queries, keep_all):
+                  random_probes, keep_recent, min_keep, seed, salt, sparse_queries, keep_all,
+                  min_tokens):
     """ZipVL sparse prefill of one causal self-attention call.
 
     q [B, H, n, d]; k, v [B, Hkv, n, d]; attn_mask None (plain causal) or broadcastable to
     [B, 1, n, n].  Returns [B, H, n, dv]."""
     B, H, n, d = q.shape
+    if n < min_tokens:  # decided while tracing (a shape guard: crossing it recompiles once)
+        stats.update(site, n if isinstance(n, int) else None, [], [], path="dense",
+                     reason=f"prompt shorter than min_tokens={min_tokens}")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                              is_causal=attn_mask is None,
+                                              enable_gqa=k.shape[1] != H)
     scale = d ** -0.5 if scale is None else scale
     mask4 = masks.as_4d(attn_mask, B, n) if attn_mask is not None else None
     sel = selection.select(

@@ -68,7 +68,7 @@ def report_dense(record: SiteRecord) -> None:
     if key in _reported:
         return
     _reported.add(key)
-    expected = record.phase == "decode" or record.reason.startswith("non-causal")
+    expected = record.phase == "decode" or record.reason.startswith(("non-causal", "prompt shorter"))
     (logger.info if expected else logger.warning)(
         "zipvl: %s (%s) keeps dense attention: %s", record.site, record.phase, record.reason)
 

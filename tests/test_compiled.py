@@ -98,3 +98,23 @@ def test_unfused_attention_with_additive_padding_mask_compiles():
     expected = reference_model(model, CFG)(ids, mask)
     torch.testing.assert_close(out[valid], expected[valid], rtol=1e-4, atol=1e-4)
     assert zipvl_compile.stats()[0].valid == [150, 110]
+
+
+@torch.no_grad()
+def test_prompts_below_min_tokens_stay_dense(model):
+    calls = []
+    be = zipvl_compile.backend(CFG, min_tokens=200)
+
+    def counting(gm, example_inputs, **kw):
+        calls.append(1)
+        return be(gm, example_inputs, **kw)
+
+    f = torch.compile(model, backend=counting)
+    short = torch.randint(0, 64, (1, 150))
+    torch.testing.assert_close(f(short), model(short), rtol=1e-5, atol=1e-5)  # dense
+    assert all("min_tokens=200" in r.reason and r.path == "dense" for r in zipvl_compile.stats())
+    long = torch.randint(0, 64, (1, 230))
+    torch.testing.assert_close(f(long), reference_model(model, CFG)(long), rtol=1e-4, atol=1e-4)
+    records = zipvl_compile.stats()
+    assert all(r.path == "sparse" and r.seq_len == 230 for r in records), records
+    assert len(calls) == 2  # one graph per side of the threshold

@@ -22,6 +22,9 @@ class ZipVLConfig:
     sparse_queries: True = paper mode (only important queries are computed, other rows are zero);
                     False = every query is computed, keys restricted to the important set.
     seed:           salt of the deterministic probe sampler (>= 0).
+    min_tokens:     prompts shorter than this keep dense attention (>= 0).  Selection costs a fixed
+                    ~0.8 ms per layer on an H200, so below ~10K tokens ZipVL is slower than cuDNN
+                    (BENCHMARKS.md); 0 sparsifies every prompt.
     kernel:         "sdpa" reads the budget on the host and runs SDPA on the compacted prefix
                     (fastest, one host sync per layer, not CUDA-graph capturable); "flex" keeps the
                     budget on the device (FlexAttention, graph capturable); "auto" picks "flex" under
@@ -36,12 +39,13 @@ class ZipVLConfig:
     ratio: float | None = None
     sparse_queries: bool = True
     seed: int = 0
+    min_tokens: int = 0
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
         _check_number("tau", self.tau, 0.0, 1.0, low_open=True)
         for name, low in (("recent_probes", 0), ("random_probes", 0), ("keep_recent", 1),
-                          ("min_keep", 1), ("seed", 0)):
+                          ("min_keep", 1), ("seed", 0), ("min_tokens", 0)):
             _check_int(name, getattr(self, name), low)
         if self.recent_probes + self.random_probes < 1:
             raise ValueError("recent_probes + random_probes must be >= 1 "
