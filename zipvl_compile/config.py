@@ -23,7 +23,7 @@ class ZipVLConfig:
                     False = every query is computed, keys restricted to the important set.
     seed:           salt of the deterministic probe sampler (>= 0).
     min_tokens:     prompts shorter than this keep dense attention (>= 0).  Selection costs a fixed
-                    ~0.8 ms per layer on an H200, so below ~10K tokens ZipVL is slower than cuDNN
+                    ~0.8 ms per layer on an H200: slower than cuDNN at 8K tokens, 3x faster at 32K
                     (BENCHMARKS.md); 0 sparsifies every prompt.
     kernel:         "sdpa" reads the budget on the host and runs SDPA on the compacted prefix
                     (fastest, one host sync per layer, not CUDA-graph capturable); "flex" keeps the
