@@ -26,7 +26,8 @@ def dense_reason(site: AttentionSite, kernel: str, sparse_queries: bool = True) 
     if isinstance(site.dropout_p, fx.Node) or site.dropout_p != 0.0:
         return "dropout_p > 0"
     if kernel == "flex" and not sparse_queries:
-        return "sparse_queries=False needs kernel='sdpa' (the graph-capturable kernel computes kept queries only)"
+        return ("sparse_queries=False needs kernel='sdpa' (the graph-capturable kernel computes "
+                "kept queries only)")
     if kernel == "flex" and value(site.q).is_cuda and not statically_known_true(q[-1] >= 16):
         return "head dim < 16 is not supported by FlexAttention on CUDA (graph-capturable kernel)"
     if kernel == "flex" and not isinstance(q[0], int):

@@ -29,13 +29,17 @@ def _seq_major(x: torch.Tensor) -> bool:
     return x.transpose(1, 2).is_contiguous()
 
 
+def _flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """idx [B, m] positions -> [B * m] row numbers of a [B * n, ...] view."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * n).reshape(-1)
+
+
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, h, n, d], idx [B, m] -> x[b, :, idx[b]]: [B, h, m, d], stored like x."""
     B, h, n, d = x.shape
     m = idx.shape[1]
     if _seq_major(x):  # whole contiguous rows of h*d elements
-        flat = (idx + torch.arange(B, device=idx.device)[:, None] * n).reshape(-1)
-        rows = x.transpose(1, 2).reshape(B * n, h * d).index_select(0, flat)
+        rows = x.transpose(1, 2).reshape(B * n, h * d).index_select(0, _flat_rows(idx, n))
         return rows.view(B, m, h, d).transpose(1, 2)
     if B == 1:
         return x.index_select(2, idx[0])
@@ -48,8 +52,7 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     The result is stored [B, n, h, d] (the layout the output projection reads)."""
     B, h, m, d = rows.shape
     out = rows.new_zeros(B * n, h * d)
-    flat = (idx + torch.arange(B, device=idx.device)[:, None] * n).reshape(-1)
-    out.index_copy_(0, flat, rows.transpose(1, 2).reshape(B * m, h * d))
+    out.index_copy_(0, _flat_rows(idx, n), rows.transpose(1, 2).reshape(B * m, h * d))
     return out.view(B, n, h, d).transpose(1, 2)
 
 

@@ -68,7 +68,8 @@ def report_dense(record: SiteRecord) -> None:
     if key in _reported:
         return
     _reported.add(key)
-    expected = record.phase == "decode" or record.reason.startswith(("non-causal", "prompt shorter"))
+    expected = (record.phase == "decode"
+                or record.reason.startswith(("non-causal", "prompt shorter")))
     (logger.info if expected else logger.warning)(
         "zipvl: %s (%s) keeps dense attention: %s", record.site, record.phase, record.reason)
 
@@ -137,9 +138,10 @@ def format_stats(records: list[SiteRecord] | None = None) -> str:
     rows = []
     for r in stats() if records is None else records:
         ratio = r.kept_ratio
-        rows.append([r.site, r.module or "-", r.phase, r.seq_len if r.seq_len is not None else "-",
+        rows.append([r.site, r.module or "-", r.phase,
+                     r.seq_len if r.seq_len is not None else "-",
                      ",".join(map(str, r.kept)) or "-",
                      f"{ratio:.3f}" if ratio is not None else "-", r.path, r.kernel or "-",
                      r.reason or ""])
-    return tabulate(rows, headers=["site", "module", "phase", "seq", "kept", "ratio", "path", "kernel",
-                                   "reason"])
+    return tabulate(rows, headers=["site", "module", "phase", "seq", "kept", "ratio", "path",
+                                   "kernel", "reason"])
