@@ -165,3 +165,26 @@ def test_masks_beyond_causal_padding_are_applied_exactly(variant, sparse_queries
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     (rec,) = zipvl_compile.stats()
     assert rec.path == "sparse" and rec.kept == [s.budget for s in sels]
+
+
+def test_graph_capturable_kernel_fallbacks_have_reasons():
+    (q, k, v), _ = planted_qkv(B=2, n=40)
+    causal = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, enable_gqa=True)
+    f, be = compile_fn(causal, kernel="flex", sparse_queries=False)
+    torch.testing.assert_close(f(q, k, v), causal(q, k, v))
+    assert "sparse_queries=False needs kernel='sdpa'" in only_site(be).reason
+    torch._dynamo.reset()
+    be = eager_backend(kernel="flex")
+    f = torch.compile(causal, backend=be, dynamic=True)
+    torch.testing.assert_close(f(q, k, v), causal(q, k, v))
+    assert "symbolic batch size" in only_site(be).reason
+    assert any("symbolic batch size" in r.reason for r in zipvl_compile.stats())
+
+
+def test_mask_that_does_not_cover_the_sequence_stays_dense():
+    (q, k, v), _ = planted_qkv(B=1, n=40)
+    key_mask = torch.ones(1, 40, dtype=torch.bool)  # keys only, broadcast over queries
+    f, be = compile_fn(_masked_sdpa)
+    torch.testing.assert_close(f(q, k, v, key_mask), _masked_sdpa(q, k, v, key_mask))
+    assert "does not cover" in only_site(be).reason
