@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..runtime import stats
-from . import classify, rewrite, sites
+from . import classify, decode, rewrite, sites
 
 
 @dataclass
@@ -34,20 +34,41 @@ class PassManager:
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         found = sorted(sites.find_sdpa(gm) + sites.find_unfused(gm), key=lambda s: order[s.output])
         kernel = self.settings["kernel"]
-        decisions, salt = [], 0
+        decisions, salt, fused = [], 0, 0
+        marks = decode.prompt_marks(gm)
         for site in found:
+            cache_kv = decode.cache_source(site)
+            if cache_kv is not None:
+                decisions.append(self._decode_site(gm, site, cache_kv))
+                fused += decisions[-1].sparse
+                continue
             reason = classify.dense_reason(site, kernel, self.settings["sparse_queries"])
             record = stats.SiteRecord(site=site.name, module=site.module_type, phase=site.phase,
                                       path="dense" if reason else "sparse", reason=reason,
                                       kernel="" if reason else kernel)
             uid = stats.register(record)
             if not reason:
-                rewrite.rewrite_site(gm, site, dict(self.settings, site=uid, salt=salt))
+                rewrite.rewrite_site(gm, site, dict(self.settings, site=uid, salt=salt,
+                                                    **decode.prompt_cache(site, marks)))
                 salt += 1
             decisions.append(SiteDecision(site.name, site.module_type, site.phase, site.pattern,
                                           not reason, reason, uid))
-        if salt:
+        if salt or fused:
             gm.graph.eliminate_dead_code()
             gm.recompile()
         return decisions
+
+    def _decode_site(self, gm, site, cache_kv) -> SiteDecision:
+        """An attention call reading a ZipVLCache: fused decode attention, or the dequantized
+        (position-ordered) path with the reason."""
+        problem = decode.fusion_problem(site)
+        reason = f"reads ZipVLCache unfused (dequantized K/V): {problem}" if problem else ""
+        uid = stats.register(stats.SiteRecord(
+            site=site.name, module=site.module_type, phase=site.phase,
+            path="dense" if problem else "fused-decode", reason=reason,
+            kernel="" if problem else "zipvl::decode_attention"))
+        if not problem:
+            decode.rewrite(gm, site, cache_kv)
+        return SiteDecision(site.name, site.module_type, site.phase, site.pattern, not problem,
+                            reason, uid)
 

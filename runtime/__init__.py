@@ -1,5 +1,6 @@
-"""Runtime of zipvl-compile: probe selection, budgets, sparse attention kernels, statistics.
+"""Runtime of zipvl-compile: probe selection, budgets, sparse prefill kernels, the importance
+hand-over, the mixed-precision KV storage and its decode attention kernels, statistics.
 
-Everything here is plain PyTorch that Inductor can trace, except the custom ops in
-``sparse_attention`` (opaque to the compiler by design: they read the budget on the host).
+Everything here is plain PyTorch that Inductor can trace, except the custom ops (``zipvl::*``
+in ``sparse_attention`` and ``decode_attention``), opaque to the compiler by design.
 """

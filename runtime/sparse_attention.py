@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import masks, stats
+from . import handoff, masks, stats
 
 
 def _seq_major(x: torch.Tensor) -> bool:
@@ -107,12 +107,23 @@ _HOST_SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph
 def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         kept_idx: torch.Tensor, budget: torch.Tensor, n_valid: torch.Tensor,
                         attn_mask: Optional[torch.Tensor], mask_kind: Optional[torch.Tensor],
-                        scale: float, sparse_queries: bool, site: int) -> torch.Tensor:
+                        scale: float, sparse_queries: bool, site: int,
+                        cache_token: Optional[torch.Tensor] = None, cache_layer: int = -1,
+                        cache_k: Optional[torch.Tensor] = None,
+                        cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
     B, H, n, _ = q.shape
-    host = torch.cat([budget, n_valid] + ([mask_kind.view(1)] if mask_kind is not None else []))
+    cache = handoff.receiver(cache_token)
+    plan = cache.plan(cache_layer, cache_k, kept_idx, budget) if cache is not None else None
+    host = torch.cat([budget, n_valid]
+                     + ([mask_kind.view(1)] if mask_kind is not None else [])
+                     + ([plan.counts.reshape(-1)] if plan is not None else []))
     host = host.tolist()  # the one host sync of this kernel
     budgets, valid = host[:B], host[B:2 * B]
-    kind = host[-1] if mask_kind is not None else masks.STANDARD
+    kind = host[2 * B] if mask_kind is not None else masks.STANDARD
+    if plan is not None and kind != masks.NONCAUSAL:
+        counts = host[-2 * B:]
+        cache.adopt(cache_layer, cache_k, cache_v, plan, [counts[:B], counts[B:]],
+                    stats.site_name(site))
     mask4 = masks.as_4d(attn_mask, B, n) if attn_mask is not None else None
     if kind == masks.NONCAUSAL:
         stats.update(site, n, [], valid, path="dense",
@@ -146,22 +157,34 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @sparse_prefill_sdpa.register_fake
-def _(q, k, v, kept_idx, budget, n_valid, attn_mask, mask_kind, scale, sparse_queries, site):
+def _(q, k, v, kept_idx, budget, n_valid, attn_mask, mask_kind, scale, sparse_queries, site,
+      cache_token=None, cache_layer=-1, cache_k=None, cache_v=None):
     B, H, n, _ = q.shape
     return q.new_empty(B, n, H, v.shape[-1]).transpose(1, 2)
 
 
 @torch.library.custom_op("zipvl::observe_budget", mutates_args=())
 def observe_budget(budget: torch.Tensor, n_valid: torch.Tensor, kept_idx: torch.Tensor,
-                   site: int) -> torch.Tensor:
-    """Hands the device budget to ``stats`` without a sync; returns a copy the kernel consumes
-    (the data dependency keeps this op in the graph).  ``kept_idx`` only carries ``n``."""
+                   site: int, cache_token: Optional[torch.Tensor] = None, cache_layer: int = -1,
+                   cache_k: Optional[torch.Tensor] = None,
+                   cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Hands the device budget to ``stats`` without a sync, and the selection to the KV cache
+    named by ``cache_token`` (``handoff``; that reads the pool sizes: one sync, skipped while a
+    CUDA graph is being captured).  Returns a copy the kernel consumes (the data dependency
+    keeps this op in the graph)."""
     stats.update_lazy(site, kept_idx.shape[-1], budget, n_valid)
+    cache = handoff.receiver(cache_token)
+    capturing = budget.is_cuda and torch.cuda.is_current_stream_capturing()
+    if cache is not None and not capturing:
+        plan = cache.plan(cache_layer, cache_k, kept_idx, budget)
+        counts = plan.counts.tolist()
+        cache.adopt(cache_layer, cache_k, cache_v, plan, counts, stats.site_name(site))
     return budget.clone()
 
 
 @observe_budget.register_fake
-def _(budget, n_valid, kept_idx, site):
+def _(budget, n_valid, kept_idx, site, cache_token=None, cache_layer=-1, cache_k=None,
+      cache_v=None):
     return torch.empty_like(budget)
 
 

@@ -74,6 +74,10 @@ def report_dense(record: SiteRecord) -> None:
         "zipvl: %s (%s) keeps dense attention: %s", record.site, record.phase, record.reason)
 
 
+def site_name(uid: int) -> str:
+    return _sites[uid].record.site
+
+
 def update(uid: int, seq_len: int, kept: list[int], valid: list[int], path: str = "sparse",
            reason: str = "") -> None:
     """Runtime update with host values (host-read kernel)."""

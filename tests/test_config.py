@@ -44,3 +44,23 @@ def test_entry_point_resolves_the_name():
     from torch._dynamo.backends.registry import lookup_backend
 
     assert lookup_backend("zipvl") is zipvl_compile.zipvl_backend
+
+
+@pytest.mark.parametrize("field,value", [
+    ("high_bits", 3), ("high_bits", 0), ("low_bits", 1), ("low_bits", True), ("group_size", 0),
+    ("residual_length", -1), ("group_size", 2.0),
+])
+def test_invalid_cache_fields_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ZipVLConfig(**{field: value})
+
+
+def test_low_bits_cannot_exceed_high_bits():
+    with pytest.raises(ValueError, match="low_bits must be <= high_bits"):
+        ZipVLConfig(high_bits=4, low_bits=8)
+    assert ZipVLConfig(high_bits=16, low_bits=0).low_bits == 0
+
+
+def test_cache_fields_do_not_reach_the_prefill_settings():
+    settings = ZipVLConfig(high_bits=8).prefill_settings()
+    assert "high_bits" not in settings and settings["tau"] == 0.975

@@ -106,3 +106,65 @@ def test_sliding_window_mask_on_cuda(dtype):
     f = torch.compile(Attn(), backend=zipvl_compile.backend(cfg), dynamic=False)
     out = f(*(x.cuda().to(dtype) for x in (q, k, v)), mask.cuda()).cpu()
     assert rel_err(out, ref) < TOL[dtype]
+
+
+# ---- mixed-precision KV cache: the Triton decode kernel ---------------------------------------
+
+DECODE_BITS = [(16, 16), (8, 8), (8, 4), (4, 4), (4, 2), (4, 0), (2, 2), (16, 0)]
+DECODE_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hb,lb", DECODE_BITS)
+@pytest.mark.parametrize("batch,group", [(1, 128), (3, 32)])
+def test_triton_decode_matches_the_reference(dtype, hb, lb, batch, group):
+    """Qwen2-7B head layout (7 query heads per KV head, head dim 128), an outlier key channel,
+    a prompt length that is not a multiple of the group, left padding in the last sequence."""
+    from test_kv_cache import filled_cache
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import triton_decode
+
+    n = 1000
+    cfg = ZipVLConfig(high_bits=hb, low_bits=lb, group_size=group, residual_length=64)
+    budgets = (500, 300, 700)[:batch]
+    cache, k, v, _ = filled_cache(cfg, B=batch, Hkv=4, n=n, d=128, budgets=budgets, decode=37,
+                                  seed=hb * 10 + lb, dtype=dtype)
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a
+                 for a in cache.layers[0].kernel_args()]
+    segs = da.segments(*cuda_args)
+    q = torch.randn(batch, 28, 1, 128, device="cuda", dtype=dtype)
+    mask = torch.ones(batch, 1, 1, n + 37, dtype=torch.bool, device="cuda")
+    mask[-1, ..., :100] = False
+    assert triton_decode.supported(q, segs)
+    out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *cuda_args)
+    ref = da.reference(q.float(), [da.Segment(s.kd, s.ks, s.kl, s.vd, s.vs, s.vl, s.pos, s.bits,
+                                              s.group, s.vgroup, torch.float32, s.base)
+                                   for s in segs], mask, 128 ** -0.5)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < DECODE_TOL[dtype]
+
+
+@torch.no_grad()
+def test_compiled_generate_with_zipvl_cache_on_cuda():
+    """LLaVA (random weights, fp32) on CUDA: the fused Triton decode reads a 16/16 cache to the
+    same tokens as DynamicCache, and a 4/2 cache generates through the same graphs."""
+    from transformers import DynamicCache
+    from zipvl_compile import ZipVLCache
+    from zipvl_compile import tiny_models as models
+
+    model, inputs = models.llava()
+    model = model.cuda()
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    zipvl_compile.compile_language_model(model, ratio=0.5, recent_probes=4, random_probes=4,
+                                         keep_recent=2)
+    expected = model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                              past_key_values=DynamicCache())
+    small = dict(group_size=4, residual_length=4)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                         past_key_values=ZipVLCache(high_bits=16, low_bits=16, **small))
+    assert torch.equal(out, expected)
+    decode = [r for r in zipvl_compile.stats() if r.phase == "decode"]
+    assert decode and all(r.path == "fused-decode" for r in decode)
+    cache = ZipVLCache(**small)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert out.shape == expected.shape and cache.layers[0].lo is not None

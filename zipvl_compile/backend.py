@@ -47,7 +47,7 @@ class ZipVLBackend:
             patches = {k: v for k, v in options.items() if k not in fields}
         if mode not in (None, "default"):
             patches = {**list_mode_options(mode), **patches}
-        settings = {name: getattr(config, name) for name in ZipVLConfig.field_names()}
+        settings = config.prefill_settings()
         settings.update(kernel=resolve_kernel(config.kernel, mode), keep_all=config.keeps_everything)
         decisions = PassManager(settings)(gm)
         self.decisions.extend(decisions)

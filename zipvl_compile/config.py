@@ -5,6 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 
 KERNELS = ("auto", "sdpa", "flex")
+HIGH_BITS = (16, 8, 4, 2)
+LOW_BITS = (16, 8, 4, 2, 0)
+CACHE_FIELDS = ("high_bits", "low_bits", "group_size", "residual_length")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,18 @@ class ZipVLConfig:
                     (fastest, one host sync per layer, not CUDA-graph capturable); "flex" keeps the
                     budget on the device (FlexAttention, graph capturable); "auto" picks "flex" under
                     CUDA-graph modes ("reduce-overhead", "max-autotune") and "sdpa" otherwise.
+
+    Mixed-precision KV cache (``ZipVLCache``; DESIGN.md section 1, step 8):
+
+    high_bits:      bits of the cached K/V of tokens the layer's prefill found important: one of
+                    16 (unquantized), 8, 4, 2.
+    low_bits:       bits of the other prompt tokens: one of 16, 8, 4, 2, or 0 (evicted); at most
+                    ``high_bits``.
+    group_size:     quantization group (>= 1): keys share a range over ``group_size`` consecutive
+                    cached tokens of one channel (KIVI), values over ``min(group_size, head_dim)``
+                    channels of one token (which must divide the head dim).
+    residual_length: most recent tokens kept unquantized (>= 0); decoded tokens enter this window
+                    and leave it ``group_size`` at a time, into the high-bit pool.
     """
 
     tau: float = 0.975
@@ -41,6 +56,10 @@ class ZipVLConfig:
     seed: int = 0
     min_tokens: int = 0
     kernel: str = "auto"
+    high_bits: int = 4
+    low_bits: int = 2
+    group_size: int = 128
+    residual_length: int = 128
 
     def __post_init__(self) -> None:
         _check_number("tau", self.tau, 0.0, 1.0, low_open=True)
@@ -56,6 +75,15 @@ class ZipVLConfig:
             raise ValueError(f"sparse_queries must be a bool (got {self.sparse_queries!r})")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS} (got {self.kernel!r})")
+        if isinstance(self.high_bits, bool) or self.high_bits not in HIGH_BITS:
+            raise ValueError(f"high_bits must be one of {HIGH_BITS} (got {self.high_bits!r})")
+        if isinstance(self.low_bits, bool) or self.low_bits not in LOW_BITS:
+            raise ValueError(f"low_bits must be one of {LOW_BITS} (0 evicts; got {self.low_bits!r})")
+        if self.low_bits > self.high_bits:
+            raise ValueError(f"low_bits must be <= high_bits (got low_bits={self.low_bits}, "
+                             f"high_bits={self.high_bits})")
+        _check_int("group_size", self.group_size, 1)
+        _check_int("residual_length", self.residual_length, 0)
 
     @property
     def keeps_everything(self) -> bool:
@@ -64,6 +92,10 @@ class ZipVLConfig:
 
     def replace(self, **fields) -> "ZipVLConfig":
         return dataclasses.replace(self, **fields)
+
+    def prefill_settings(self) -> dict:
+        """The fields the sparse prefill reads (every field but the cache's)."""
+        return {n: getattr(self, n) for n in self.field_names() if n not in CACHE_FIELDS}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import torch
 from .backend import ZipVLBackend, backend as make_backend
 from .config import ZipVLConfig
 
+RECOMPILE_LIMIT = 32  # raised process-wide by compile_language_model (see there)
 _LM_ATTRS = ("language_model", "model.language_model", "model.text_model", "text_model")
 
 
@@ -49,5 +50,11 @@ def compile_language_model(model: torch.nn.Module, config: ZipVLConfig | None = 
     # and later graphs would silently run eagerly.  Isolate this compilation where supported.
     if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
         kwargs["isolate_recompiles"] = True
+    # With a ZipVLCache, each cache configuration compiles about six graphs (prefill with and
+    # without a padding mask, the step adopting the prompt split, steady steps static then
+    # dynamic, the step that quantizes a full group): the default limit of 8 is reached by
+    # the second configuration, after which Dynamo silently runs the forward eagerly.
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     find_language_model(model).compile(**kwargs)
     return zipvl

@@ -1,0 +1,78 @@
+"""Hand-over of a layer's prefill importance to the KV cache (DESIGN.md section 6).
+
+The cache marks each prompt it stores with ``zipvl::mark_prompt(k, v, token, layer)``, where
+``token`` is a small tensor the cache owns (a graph input: no guard on which cache it is, so a
+new cache does not recompile).  The zipvl backend finds the mark whose K/V feed a sparse prefill
+site and passes the token, the layer index and those K/V to the site's kernel.  At run time the
+kernel looks the cache up by its token and calls ``receiver.plan`` (device work, before the
+kernel's host read of the budgets, so the pool sizes travel in the same read) and then
+``receiver.adopt``: the layer's pools are built right there, from the selection the kernel just
+made.  No graph break; the host-read kernel adds no host sync of its own.  The graph-capturable
+kernel has no host read of its own, so it reads the pool sizes with one sync per layer.
+
+A prompt not run through a zipvl sparse prefill (eager model, other backend, dense fallback)
+is never delivered: the cache then stores every prompt token at ``high_bits``.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Protocol
+
+import torch
+
+_lock = threading.Lock()
+_receivers: "weakref.WeakValueDictionary[int, Receiver]" = weakref.WeakValueDictionary()
+
+
+class Receiver(Protocol):
+    def plan(self, layer: int, keys: torch.Tensor, kept_idx: torch.Tensor,
+             budget: torch.Tensor): ...
+
+    def adopt(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan,
+              counts: list[int], site: str) -> None: ...
+
+    def report_uniform(self, layer: int, n: int) -> None: ...
+
+
+def register(token: torch.Tensor, receiver: Receiver) -> None:
+    with _lock:
+        _receivers[token.data_ptr()] = receiver
+
+
+def receiver(token: torch.Tensor | None) -> Receiver | None:
+    if token is None:
+        return None
+    with _lock:
+        return _receivers.get(token.data_ptr())
+
+
+@torch.library.custom_op("zipvl::mark_prompt", mutates_args=())
+def mark_prompt(keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor,
+                layer: int) -> torch.Tensor:
+    """Names the cache (``token``) and ``layer`` that store these prompt K/V [B, Hkv, n, d].
+    Returns an empty tensor (the cache keeps it so that the mark stays in the graph)."""
+    return token.new_empty(0)
+
+
+@mark_prompt.register_fake
+def _(keys, values, token, layer):
+    return token.new_empty(0)
+
+
+MARK = (torch.ops.zipvl.mark_prompt, torch.ops.zipvl.mark_prompt.default)
+
+
+@torch.library.custom_op("zipvl::note_uniform_split", mutates_args=())
+def note_uniform_split(token: torch.Tensor, layer: int, n: int) -> torch.Tensor:
+    """Tells the cache named by ``token`` (at run time, also inside compiled graphs) that
+    ``layer`` split its ``n``-token prompt without importance, for ``stats()``."""
+    found = receiver(token)
+    if found is not None:
+        found.report_uniform(layer, n)
+    return token.new_empty(0)
+
+
+@note_uniform_split.register_fake
+def _(token, layer, n):
+    return token.new_empty(0)

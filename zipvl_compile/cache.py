@@ -1,0 +1,250 @@
+"""``ZipVLCache``: the mixed-precision KV cache of ZipVL, as a transformers ``Cache``.
+
+Lifecycle of one layer (storage in ``runtime/kv_pool.py``, splitting in ``runtime/kv_split.py``):
+
+1. **Prompt.**  The first update stores the prompt's K/V unquantized and marks them
+   (``zipvl::mark_prompt``) with this cache's token and the layer index.
+2. **Split.**  Under the zipvl backend, the layer's sparse prefill kernel finds the cache by its
+   token and hands over its selection at run time (``runtime/handoff.py``): the prompt is split
+   into the high-bit pool (tokens the prefill kept), the low-bit pool (the others; evicted at
+   ``low_bits=0``) and the unquantized residual window (the last ``residual_length`` tokens).
+   The layer adopts that split at its next update.  Without a hand-over (eager model, another
+   backend, a dense fallback) that update splits uniformly: every prompt token outside the
+   residual window at ``high_bits``.  Neither path breaks the graph.
+3. **Decode.**  New tokens enter the residual window; whenever it reaches
+   ``residual_length + group_size`` tokens, its oldest ``group_size`` are quantized into the
+   high-bit pool.  ``update`` returns ``zipvl::cache_kv(...)``: position-ordered dequantized K/V
+   for an attention the backend does not fuse, which the backend's decode pass replaces by one
+   fused attention over the packed segments (``runtime/decode_attention.py``).
+
+``stats()`` has one "kv-cache" row per layer saying which split was applied.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import ZipVLConfig
+from .runtime import handoff, kv_pool, kv_split, stats
+from .runtime import decode_attention  # noqa: F401  (registers zipvl::cache_kv)
+
+logger = logging.getLogger("zipvl_compile")
+
+
+class ZipVLLayer(CacheLayerMixin):
+    """One decoder layer's cache (see the module docstring for its lifecycle)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: "ZipVLCache", layer_idx: int):
+        super().__init__()
+        self.owner, self.config, self.layer_idx = owner, owner.config, layer_idx
+        self.split = False
+        self.evicted = False
+        self.hi: kv_pool.Pool | None = None
+        self.lo: kv_pool.Pool | None = None
+        self.res_k = self.res_v = None
+        self.span = None  # [0, L] tensor: its last dimension is the cached length, as a shape
+        self.mark = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        d, dv = key_states.shape[-1], value_states.shape[-1]
+        if d != dv:
+            raise ValueError(f"ZipVLCache needs equal key and value head dims (got {d}, {dv})")
+        self.vgroup = min(self.config.group_size, dv)
+        if dv % self.vgroup:
+            raise ValueError(f"group_size={self.config.group_size} must divide the head dim "
+                             f"({dv}) or be >= it (values are quantized per token over "
+                             "min(group_size, head_dim) channels)")
+        self.is_initialized = True
+
+    # ---- transformers Cache layer API ----
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.split and self.keys is None:  # the prompt
+            self.keys, self.values = key_states, value_states
+            self.mark = handoff.mark_prompt(key_states, value_states, self.owner.token,
+                                            self.layer_idx)
+            return key_states, value_states
+        self.append(key_states, value_states)
+        return torch.ops.zipvl.cache_kv(*self.kernel_args())
+
+    def append(self, key_states, value_states) -> None:
+        """Store tokens after the prompt (splitting the prompt first if not yet done)."""
+        if not self.split:
+            self._split_prompt()
+        self.res_k = torch.cat([self.res_k, key_states], dim=-2)
+        self.res_v = torch.cat([self.res_v, value_states], dim=-2)
+        self.span = torch.cat([self.span, self.span.new_empty(0, key_states.shape[-2])], dim=-1)
+        while self.res_k.shape[-2] >= self.config.residual_length + self.config.group_size:
+            self._flush_group()
+
+    def get_seq_length(self) -> int:
+        if self.split:
+            return self.span.shape[-1]
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.mark = None
+        self.hi = self.lo = self.res_k = self.res_v = self.span = None
+        self.split = self.evicted = False
+        self.owner.adopted.pop(self.layer_idx, None)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError(
+            "ZipVLCache does not support beam search (reorder_cache): use greedy decoding or "
+            "sampling (num_beams=1)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("ZipVLCache cannot be cropped (assisted/speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("ZipVLCache does not support expanding a filled cache's batch")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("ZipVLCache does not support selecting batch rows")
+
+    # ---- ZipVL ----
+
+    def kernel_args(self) -> tuple:
+        """Arguments of ``zipvl::cache_kv`` / ``zipvl::decode_attention`` (after q, mask, scale)."""
+        lo = self.lo.tensors() if self.lo is not None else (None,) * 7
+        c = self.config
+        return (*self.hi.tensors(), *lo, self.res_k, self.res_v, c.high_bits,
+                c.low_bits if self.lo is not None else 0, c.group_size, self.vgroup,
+                self.span.shape[-1], self.evicted)
+
+    def _split_prompt(self) -> None:
+        """Adopt the split the prefill handed over, or split uniformly (see module docstring)."""
+        c = self.config
+        split = self.owner.adopted.pop(self.layer_idx, None)
+        if split is None or split.res_k.shape[:2] != self.keys.shape[:2]:
+            split = kv_split.split_uniform(self.keys, self.values, high_bits=c.high_bits,
+                                           residual_length=c.residual_length,
+                                           group_size=c.group_size, vgroup=self.vgroup)
+            self.mark = handoff.note_uniform_split(self.owner.token, self.layer_idx,
+                                                   self.keys.shape[-2])
+        self.install(split)
+
+    def install(self, split: kv_split.Split) -> None:
+        """Make ``split`` this layer's storage (drops the unsplit prompt)."""
+        self.hi, self.lo, self.evicted = split.hi, split.lo, split.evicted
+        self.res_k, self.res_v, self.span = split.res_k, split.res_v, split.span
+        self.keys = self.values = None
+        self.split = True
+
+    def _flush_group(self) -> None:
+        """Quantize the oldest ``group_size`` residual tokens into the high-bit pool."""
+        G, r, L = self.config.group_size, self.res_k.shape[-2], self.span.shape[-1]
+        B = self.res_k.shape[0]
+        pos = torch.arange(G, device=self.res_k.device)[None, :].expand(B, G) + (L - r)
+        self.hi = kv_pool.append_group(self.hi, self.res_k[:, :, :G], self.res_v[:, :, :G], pos)
+        # contiguous: a slice's strides would differ from the next step's cat (a recompile)
+        self.res_k = self.res_k[:, :, G:].contiguous()
+        self.res_v = self.res_v[:, :, G:].contiguous()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this layer holds."""
+        out = [self.keys, self.values, self.res_k, self.res_v]
+        for pool in (self.hi, self.lo):
+            if pool is not None:
+                out += list(pool.tensors())
+        return [t for t in out if t is not None]
+
+
+class ZipVLCache(Cache):
+    """Mixed-precision KV cache driven by ZipVL's prefill importance (``ZipVLConfig``'s
+    ``high_bits``, ``low_bits``, ``group_size``, ``residual_length``).
+
+    Works with ``generate()`` (greedy or sampling; beam search raises), batches with padding and
+    GQA.  ``memory_bytes()`` is the device storage it holds, ``dense_bytes()`` what a 16-bit
+    cache of the same tokens holds."""
+
+    def __init__(self, config: ZipVLConfig | None = None, **fields):
+        config = config or ZipVLConfig()
+        self.config = config.replace(**fields) if fields else config
+        super().__init__(layers=[])
+        self.token = torch.zeros(1)  # names this cache to the prefill kernels (handoff)
+        self.adopted: dict[int, kv_split.Split] = {}  # splits handed over, not yet adopted
+        self._stats_uids: dict[int, int] = {}
+        handoff.register(self.token, self)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(ZipVLLayer(self, len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    # ---- handoff.Receiver: called by the sparse prefill kernels at run time ----
+
+    def plan(self, layer: int, keys, kept_idx, budget) -> kv_split.Plan:
+        return kv_split.plan(keys.shape[-2], kept_idx, budget, self.config.residual_length)
+
+    def adopt(self, layer: int, keys, values, plan, counts, site: str) -> None:
+        c = self.config
+        vgroup = min(c.group_size, values.shape[-1])
+        split = kv_split.split_by_importance(keys, values, plan, counts, high_bits=c.high_bits,
+                                             low_bits=c.low_bits, group_size=c.group_size,
+                                             vgroup=vgroup)
+        self.adopted[layer] = split
+        r = split.res_k.shape[-2]
+        low = "evicted" if c.low_bits == 0 else f"{c.low_bits}-bit"
+        self._report(layer, keys.shape[-2], [h + r for h in split.hi_counts],
+                     [h + lo + r for h, lo in zip(split.hi_counts, split.lo_counts)],
+                     f"importance of {site}; the others {low}")
+
+    def report_uniform(self, layer: int, n: int) -> None:
+        reason = ("no prefill importance (prompt not run through a zipvl sparse prefill): "
+                  f"every token at {self.config.high_bits}-bit")
+        logger.info("zipvl: layer %d cache: %s", layer, reason)
+        self._report(layer, n, [], [], reason)
+
+    def _report(self, layer, n, kept, valid, reason) -> None:
+        """One stats row per layer: which split its prompt got."""
+        c = self.config
+        if layer not in self._stats_uids:
+            self._stats_uids[layer] = stats.register(stats.SiteRecord(
+                site=f"layers.{layer} kv-cache", phase="kv-cache", path="", kernel="zipvl"))
+        stats.update(self._stats_uids[layer], n, kept, valid,
+                     path=f"kv {c.high_bits}/{c.low_bits}", reason=reason)
+
+    # ---- memory ----
+
+    def memory_bytes(self) -> int:
+        """Bytes of device storage this cache holds (packed codes, scales, minima, slot
+        positions, residual window, unsplit prompt), counting each storage once."""
+        seen, total = set(), 0
+        tensors = [t for layer in self.layers for t in layer.tensors()]
+        for split in self.adopted.values():
+            tensors += [split.res_k, split.res_v, *split.hi.tensors()]
+            tensors += list(split.lo.tensors()) if split.lo is not None else []
+        for t in tensors:
+            if t is None:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def dense_bytes(self) -> int:
+        """Bytes a 16-bit (bf16/fp16) cache of the same tokens would hold."""
+        total = 0
+        for layer in self.layers:
+            ref = layer.res_k if layer.split else layer.keys
+            if ref is not None:
+                B, Hkv, _, d = ref.shape
+                total += B * Hkv * layer.get_seq_length() * 2 * d * 2
+        return total
