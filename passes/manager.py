@@ -36,6 +36,7 @@ class PassManager:
         kernel = self.settings["kernel"]
         decisions, salt, fused = [], 0, 0
         marks = decode.prompt_marks(gm)
+        summaries: dict = {}
         for site in found:
             cache_kv = decode.cache_source(site)
             if cache_kv is not None:
@@ -49,7 +50,8 @@ class PassManager:
             uid = stats.register(record)
             if not reason:
                 rewrite.rewrite_site(gm, site, dict(self.settings, site=uid, salt=salt,
-                                                    **decode.prompt_cache(site, marks)))
+                                                    **decode.prompt_cache(site, marks)),
+                                     summaries)
                 salt += 1
             decisions.append(SiteDecision(site.name, site.module_type, site.phase, site.pattern,
                                           not reason, reason, uid))

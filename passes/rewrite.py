@@ -3,20 +3,30 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..runtime.prefill import zipvl_prefill
+from ..runtime.prefill import mask_summary_for, zipvl_prefill
 from .sites import AttentionSite
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, settings: dict) -> fx.Node:
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, settings: dict,
+                 summaries: dict | None = None) -> fx.Node:
     """Insert the ZipVL call before ``site.output`` and route every user to it.
 
-    ``settings`` are plain keywords of ``zipvl_prefill`` (scale excluded).  The replaced nodes
-    of an unfused pattern become dead and are removed by the caller's dead-code elimination."""
+    ``settings`` are plain keywords of ``zipvl_prefill`` (scale excluded).  ``summaries`` maps
+    mask nodes to the node summarizing them (valid tokens, mask kind): every layer of a model
+    reads the same mask, which is summarized once per graph.  The replaced nodes of an unfused
+    pattern become dead and are removed by the caller's dead-code elimination."""
     scale = site.scale if site.pattern == "sdpa" else float(site.scale)
+    summaries = {} if summaries is None else summaries
     with gm.graph.inserting_before(site.output):
+        summary = None
+        if isinstance(site.attn_mask, fx.Node):
+            summary = summaries.get(site.attn_mask)
+            if summary is None:
+                summary = gm.graph.call_function(mask_summary_for, (site.attn_mask, site.q))
+                summaries[site.attn_mask] = summary
         new = gm.graph.call_function(
             zipvl_prefill, args=(site.q, site.k, site.v, site.attn_mask),
-            kwargs=dict(settings, scale=scale))
+            kwargs=dict(settings, scale=scale, mask_summary=summary))
     new.meta.update(site.output.meta)
     site.output.replace_all_uses_with(new)
     gm.graph.erase_node(site.output)

@@ -67,6 +67,59 @@ def probe_rows(mask4: torch.Tensor, probes: torch.Tensor):
     return allowed(rows), bias(rows)
 
 
+# ---- opaque versions for compiled graphs --------------------------------------------------------
+# Under torch.compile, transformers (with torch < 2.14) materializes the causal mask from index
+# comparisons.  Inductor fused that producer into the reductions above and then failed to compile
+# on Triton at 32K tokens (a sympy value-range error on index-derived booleans; Qwen2-7B shape,
+# torch 2.11, H200).  These ops read the realized mask instead: nothing can be fused into them.
+
+CHUNK_ELEMENTS = 1 << 27  # mask entries per step of mask_summary (128 MiB of bool)
+
+
+@torch.library.custom_op("zipvl::mask_summary", mutates_args=())
+def mask_summary(mask4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 1, n, n] mask -> (valid [B, n] bool, kind 0-dim int64), as ``valid_tokens`` and
+    ``mask_kind``, ``CHUNK_ELEMENTS`` entries at a time (no temporary of the mask's size)."""
+    valid = valid_tokens(mask4).clone()  # a diagonal view of the input otherwise
+    n = mask4.shape[-1]
+    pos = torch.arange(n, device=mask4.device)
+    ahead = torch.zeros((), dtype=torch.bool, device=mask4.device)
+    mismatch = torch.zeros((), dtype=torch.bool, device=mask4.device)
+    step = max(1, CHUNK_ELEMENTS // max(n * mask4.shape[0], 1))
+    for r0 in range(0, n, step):
+        rows = mask4[:, 0, r0:r0 + step]
+        ok = allowed(rows)
+        row_valid = valid[:, r0:r0 + step, None]
+        causal = pos[None, :] <= pos[r0:r0 + step, None]
+        ahead |= (ok & ~causal & row_valid).any()
+        mismatch |= ((ok != (causal & valid[:, None, :])) & row_valid).any()
+        b = bias(rows)
+        if b is not None:
+            mismatch |= (b != 0).any()
+    kind = torch.where(ahead, NONCAUSAL, torch.where(mismatch, CAUSAL, STANDARD)).long()
+    return valid, kind
+
+
+@mask_summary.register_fake
+def _(mask4):
+    B, _, n, _ = mask4.shape
+    return (torch.empty(B, n, dtype=torch.bool, device=mask4.device),
+            torch.empty((), dtype=torch.long, device=mask4.device))
+
+
+@torch.library.custom_op("zipvl::mask_rows", mutates_args=())
+def mask_rows(mask4: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Rows of the mask at probe positions [B, m] -> [B, m, n] (the mask's dtype)."""
+    B, _, _, n = mask4.shape
+    return mask4[:, 0].gather(1, probes[:, :, None].expand(B, probes.shape[1], n)).contiguous()
+
+
+@mask_rows.register_fake
+def _(mask4, probes):
+    B, _, _, n = mask4.shape
+    return mask4.new_empty(B, probes.shape[1], n)
+
+
 def causal_probe_rows(probes: torch.Tensor, n: int) -> torch.Tensor:
     """Allowed [B, m, n] for plain causal attention: key j is visible from probe i iff j <= i."""
     return torch.arange(n, device=probes.device) <= probes[:, :, None]

@@ -14,13 +14,21 @@ from . import masks, selection, stats
 from .sparse_attention import sparse_prefill_flex
 
 
+def mask_summary_for(attn_mask, q):
+    """(valid [B, n], kind) of a model's mask for queries q [B, H, n, d] (``masks``)."""
+    B, _, n, _ = q.shape
+    return masks.mask_summary(masks.as_4d(attn_mask, B, n))
+
+
 def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, recent_probes,
                   random_probes, keep_recent, min_keep, seed, salt, sparse_queries, keep_all,
-                  min_tokens, cache_token=None, cache_layer=-1, cache_k=None, cache_v=None):
+                  min_tokens, cache_token=None, cache_layer=-1, cache_k=None, cache_v=None,
+                  mask_summary=None):
     """ZipVL sparse prefill of one causal self-attention call.
 
     q [B, H, n, d]; k, v [B, Hkv, n, d]; attn_mask None (plain causal) or broadcastable to
-    [B, 1, n, n].  Returns [B, H, n, dv].  ``cache_*``: the ZipVLCache layer storing this
+    [B, 1, n, n]; ``mask_summary`` its ``mask_summary_for`` when the graph computed it once for
+    every layer.  Returns [B, H, n, dv].  ``cache_*``: the ZipVLCache layer storing this
     prompt's K/V [B, Hkv, n, d] (``runtime/handoff.py``), or None."""
     B, H, n, d = q.shape
     if n < min_tokens:  # decided while tracing (a shape guard: crossing it recompiles once)
@@ -34,12 +42,12 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
     sel = selection.select(
         q, k, attn_mask=mask4, scale=scale, tau=tau, ratio=ratio, recent_probes=recent_probes,
         random_probes=random_probes, keep_recent=keep_recent, min_keep=min_keep, seed=seed,
-        salt=salt, keep_all=keep_all)
+        salt=salt, keep_all=keep_all, mask_summary=mask_summary)
     if kernel == "flex":
         budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site,
                                                 cache_token, cache_layer, cache_k, cache_v)
         return sparse_prefill_flex(q, k, v, sel.kept_idx, budget, scale=scale)
-    kind = masks.mask_kind(mask4) if mask4 is not None else None
+    kind = sel.mask_kind
     return torch.ops.zipvl.sparse_prefill_sdpa(q, k, v, sel.kept_idx, sel.budget, sel.n_valid,
                                                attn_mask, kind, scale, sparse_queries, site,
                                                cache_token, cache_layer, cache_k, cache_v)

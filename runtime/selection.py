@@ -17,11 +17,13 @@ from .probes import count_from_end, probe_positions
 @dataclass
 class Selection:
     """kept_idx [B, n] int64: kept positions ascending in ``[:, :budget[b]]``, the rest after.
-    budget [B] int64: number of kept tokens.  n_valid [B] int64: non-padding tokens."""
+    budget [B] int64: number of kept tokens.  n_valid [B] int64: non-padding tokens.
+    mask_kind: 0-dim int64 ``masks`` kind of the attention mask (None without a mask)."""
 
     kept_idx: torch.Tensor
     budget: torch.Tensor
     n_valid: torch.Tensor
+    mask_kind: torch.Tensor | None = None
 
 
 def probe_scores(q, k, probes, probe_valid, allowed_rows, bias_rows, scale):
@@ -69,19 +71,21 @@ def kept_order(score, budget):
 
 
 def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, keep_recent,
-           min_keep, seed, salt, keep_all) -> Selection:
-    """Steps 1-6 for a batch.  ``attn_mask`` is None (plain causal) or a [B, 1, n, n] mask."""
+           min_keep, seed, salt, keep_all, mask_summary=None) -> Selection:
+    """Steps 1-6 for a batch.  ``attn_mask`` is None (plain causal) or a [B, 1, n, n] mask;
+    ``mask_summary`` its ``masks.mask_summary`` if already computed."""
     B, H, n, _ = q.shape
     if attn_mask is None:
         valid = torch.ones(B, n, dtype=torch.bool, device=q.device)
     else:
-        valid = masks.valid_tokens(attn_mask)
+        valid, kind = mask_summary if mask_summary is not None else masks.mask_summary(attn_mask)
     n_valid = valid.sum(dim=-1)
     probes, probe_valid = probe_positions(valid, recent_probes, random_probes, seed, salt)
     if attn_mask is None:
         allowed_rows, bias_rows = masks.causal_probe_rows(probes, n), None
     else:
-        allowed_rows, bias_rows = masks.probe_rows(attn_mask, probes)
+        rows = masks.mask_rows(attn_mask, probes)
+        allowed_rows, bias_rows = masks.allowed(rows), masks.bias(rows)
     acc, seen_by = probe_scores(q, k, probes, probe_valid, allowed_rows, bias_rows, scale)
     total = H * probe_valid.sum(dim=-1)
     budget = budget_from_scores(acc, n_valid, total, tau, ratio, keep_all)
@@ -89,4 +93,5 @@ def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, 
     normalized = acc / (H * seen_by.clamp(min=1))
     recent = valid & (count_from_end(valid) <= keep_recent)
     score = torch.where(recent, float("inf"), torch.where(valid, normalized, float("-inf")))
-    return Selection(kept_order(score, budget), budget, n_valid)
+    return Selection(kept_order(score, budget), budget, n_valid,
+                     kind if attn_mask is not None else None)

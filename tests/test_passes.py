@@ -188,3 +188,27 @@ def test_mask_that_does_not_cover_the_sequence_stays_dense():
     f, be = compile_fn(_masked_sdpa)
     torch.testing.assert_close(f(q, k, v, key_mask), _masked_sdpa(q, k, v, key_mask))
     assert "does not cover" in only_site(be).reason
+
+
+def test_a_mask_shared_by_every_layer_is_summarized_once_per_graph():
+    from toy import padding_mask
+    from zipvl_compile.runtime.prefill import mask_summary_for
+
+    graphs = []
+    zipvl = eager_backend()
+
+    def spy(gm, example_inputs, **kw):
+        out = zipvl(gm, example_inputs, **kw)
+        graphs.append(gm)
+        return out
+
+    torch.manual_seed(0)
+    model = ToyDecoder(layers=3).eval()
+    mask, _ = padding_mask([40, 25], 40)
+    ids = torch.randint(0, 64, (2, 40))
+    f = torch.compile(model, backend=spy, dynamic=False)
+    with torch.no_grad():
+        f(ids, mask)
+    (gm,) = graphs
+    summaries = [n for n in gm.graph.nodes if n.target is mask_summary_for]
+    assert sum(d.sparse for d in zipvl.decisions) == 3 and len(summaries) == 1

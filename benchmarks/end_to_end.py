@@ -1,0 +1,270 @@
+"""End to end on one GPU: time to first token and decoding of a 7B-class language model
+(issue 4).  Random weights (architecture configs from ``transformers``), bf16, batch 1 prefill.
+
+Random weights have no attention sparsity, so ZipVL runs with a forced kept ratio (``ratio=``);
+every table says so.
+
+    python benchmarks/end_to_end.py --part ttft --contexts 32768 131072
+    python benchmarks/end_to_end.py --part decode --contexts 32768 131072 --batches 1 8
+
+TTFT: one prefill forward (``logits_to_keep=1``) of dense eager (transformers' SDPA default),
+dense eager with cuDNN SDPA forced, dense compiled with Inductor, and ZipVL (zipvl backend) at
+kept ratio 0.45 and 0.3; median of ``--reps`` runs after a warm-up (compilation) run; peak GPU
+memory of the timed runs.
+
+Decode: the cache is built directly (random K/V of the context length, a random half of the
+prompt important for ZipVLCache), then ``--steps`` greedy decode steps of the compiled language
+model (zipvl backend: dense decode attention for DynamicCache, the fused kernel for ZipVLCache);
+tokens/s = batch * steps / time, peak GPU memory and cache bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+import zipvl_compile  # noqa: E402
+from zipvl_compile import ZipVLCache, ZipVLConfig  # noqa: E402
+from zipvl_compile.runtime import kv_split  # noqa: E402
+
+SHAPES = {
+    # LongVA-7B's language model = Qwen2-7B
+    "qwen2-7b": ("Qwen2Config", "Qwen2ForCausalLM",
+                 dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                      max_position_embeddings=131072 + 4096, rope_theta=1e6)),
+    # LLaVA-1.5/NeXT-7B's language model = Vicuna-7B (Llama-2-7B shape)
+    "llava-7b": ("LlamaConfig", "LlamaForCausalLM",
+                 dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      max_position_embeddings=131072 + 4096)),
+}
+
+
+def build(shape: str):
+    import transformers
+
+    cfg_cls, model_cls, kw = SHAPES[shape]
+    cfg = getattr(transformers, cfg_cls)(**kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = getattr(transformers, model_cls)(cfg).eval()
+        finally:
+            torch.set_default_dtype(prev)
+    return model
+
+
+def timed(fn, reps):
+    fn()  # warm-up (compilation)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), torch.cuda.max_memory_allocated()
+
+
+def ttft(shape, contexts, reps, skip=()):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import DynamicCache
+
+    model = build(shape)
+    rows = []
+    variants = [("dense eager (transformers SDPA default)", None, None),
+                ("dense eager (cuDNN SDPA)", None, SDPBackend.CUDNN_ATTENTION),
+                ("dense compiled (Inductor)", "inductor", None),
+                ("zipvl ratio 0.45", 0.45, None),
+                ("zipvl ratio 0.30", 0.30, None)]
+    for name, how, backend in variants:
+        if any(word in name for word in skip):
+            continue
+        torch._dynamo.reset()
+        lm = model.model
+        compiled = None
+        if how == "inductor":
+            compiled = torch.compile(lm)
+        elif isinstance(how, float):
+            zipvl_compile.compile_language_model(model, ratio=how)
+        for n in contexts:
+            ids = torch.randint(0, 1000, (1, n), device="cuda")
+
+            def run():
+                ctx = sdpa_kernel([backend]) if backend is not None else _null()
+                with ctx, torch.no_grad():
+                    if compiled is not None:
+                        h = compiled(input_ids=ids, past_key_values=DynamicCache()).last_hidden_state
+                        return model.lm_head(h[:, -1:])
+                    return model(input_ids=ids, past_key_values=DynamicCache(),
+                                 logits_to_keep=1).logits
+            try:
+                t, peak = timed(run, reps)
+                rows.append(dict(shape=shape, context=n, variant=name, ttft_s=t,
+                                 peak_gib=peak / 2**30))
+            except Exception as e:  # a failing variant is reported, the others still run
+                rows.append(dict(shape=shape, context=n, variant=name, ttft_s=None,
+                                 peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(rows[-1], flush=True)
+        if isinstance(how, float):  # undo compile_language_model's in-place compile
+            lm._compiled_call_impl = None
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _random_kv(B, Hkv, n, d, gen):
+    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return k, torch.randn_like(k)
+
+
+def dense_cache(cfg, B, n, gen):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    d = cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        k, v = _random_kv(B, cfg.num_key_value_heads, n, d, gen)
+        cache.update(k, v, i)
+    return cache
+
+
+def zipvl_cache(cfg, B, n, gen, high_bits, low_bits):
+    """A ZipVLCache as the backend leaves it after a prefill keeping a random half."""
+    from zipvl_compile.cache import ZipVLLayer
+
+    cache = ZipVLCache(high_bits=high_bits, low_bits=low_bits)
+    c = cache.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        k, v = _random_kv(B, cfg.num_key_value_heads, n, d, gen)
+        perm = torch.stack([torch.randperm(n, device="cuda", generator=gen) for _ in range(B)])
+        kept_idx = torch.cat([perm[:, :n // 2].sort(-1).values, perm[:, n // 2:].sort(-1).values],
+                             dim=1)
+        plan = kv_split.plan(n, kept_idx, torch.full((B,), n // 2, device="cuda"),
+                             c.residual_length)
+        split = kv_split.split_by_importance(k, v, plan, plan.counts.tolist(),
+                                             high_bits=c.high_bits, low_bits=c.low_bits,
+                                             group_size=c.group_size,
+                                             vgroup=min(c.group_size, d))
+        layer = ZipVLLayer(cache, i)
+        layer.lazy_initialization(k, v)
+        layer.install(split)
+        cache.layers.append(layer)
+        del k, v
+    return cache
+
+
+def decode(shape, contexts, batches, steps):
+    model = build(shape)
+    cfg = model.config
+    zipvl_compile.compile_language_model(model)
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for B in batches:
+        for n in contexts:
+            for name in ("DynamicCache bf16", "ZipVLCache 4/2", "ZipVLCache 4/0"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    if name.startswith("Dynamic"):
+                        cache = dense_cache(cfg, B, n, gen)
+                        cache_bytes = sum(l.keys.numel() * 2 * 2 for l in cache.layers)
+                    else:
+                        hb, lb = map(int, name.split()[1].split("/"))
+                        cache = zipvl_cache(cfg, B, n, gen, hb, lb)
+                        cache_bytes = cache.memory_bytes()
+                    ids = torch.randint(0, 1000, (B, 1), device="cuda")
+
+                    def step(pos):
+                        with torch.no_grad():
+                            out = model(input_ids=ids, past_key_values=cache,
+                                        position_ids=torch.full((B, 1), pos, device="cuda"),
+                                        logits_to_keep=1)
+                        return out.logits.argmax(-1)
+
+                    for s in range(3):  # warm-up: compiles (split-free steady graphs)
+                        ids = step(n + s)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for s in range(steps):
+                        ids = step(n + 3 + s)
+                    torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    rows.append(dict(shape=shape, batch=B, context=n, cache=name,
+                                     tokens_per_s=B * steps / dt, ms_per_step=1e3 * dt / steps,
+                                     cache_gib=cache_bytes / 2**30,
+                                     peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+                except torch.cuda.OutOfMemoryError:
+                    rows.append(dict(shape=shape, batch=B, context=n, cache=name,
+                                     tokens_per_s=None, ms_per_step=None, cache_gib=None,
+                                     peak_gib=None, note="out of memory"))
+                print(rows[-1], flush=True)
+                cache = None
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["ttft", "decode"], required=True)
+    ap.add_argument("--shape", choices=list(SHAPES), default="qwen2-7b")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="skip TTFT variants whose name contains one of these words")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    from tabulate import tabulate
+
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"shape {args.shape}  (random weights: ZipVL ratios are forced)")
+    if args.part == "ttft":
+        rows = ttft(args.shape, args.contexts, args.reps, args.skip)
+        base = {r["context"]: r["ttft_s"] for r in rows if "default" in r["variant"]}
+        print(tabulate([[r["context"], r["variant"],
+                         "failed" if r["ttft_s"] is None else f"{r['ttft_s']:.3f}",
+                         "-" if r["ttft_s"] is None or not base.get(r["context"])
+                         else f"{base[r['context']] / r['ttft_s']:.2f}x",
+                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
+                        for r in rows],
+                       headers=["context", "prefill", "TTFT s", "vs default", "peak GiB"]))
+    else:
+        rows = decode(args.shape, args.contexts, args.batches, args.steps)
+        base = {(r["batch"], r["context"]): r["tokens_per_s"] for r in rows
+                if r["cache"].startswith("Dynamic")}
+        print(tabulate([[r["batch"], r["context"], r["cache"],
+                         "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
+                         "-" if not (r["tokens_per_s"] and base[(r["batch"], r["context"])])
+                         else f"{r['tokens_per_s'] / base[(r['batch'], r['context'])]:.2f}x",
+                         "-" if r["cache_gib"] is None else f"{r['cache_gib']:.2f}",
+                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
+                        for r in rows],
+                       headers=["batch", "context", "KV cache", "tokens/s", "vs bf16",
+                                "cache GiB", "peak GiB"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
