@@ -1,0 +1,81 @@
+"""The toy VLM: patch encoder -> projector -> ``transformers`` Llama decoder (LLaVA's shape).
+
+Image tokens come first, then the text (``task`` token layout).  The decoder is a
+``LlamaModel`` built from a ``LlamaConfig`` with SDPA attention, so the zipvl backend sees the
+graph a user's transformers model gives; it is ``model.language_model`` (what
+``compile_language_model`` compiles).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import task
+
+
+@dataclass(frozen=True)
+class ToyVLMConfig:
+    grid: int = 16          # image of grid x grid patches (visual tokens)
+    vision_dim: int = 64
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+
+    @property
+    def patches(self) -> int:
+        return self.grid * self.grid
+
+
+class ToyVLM(nn.Module):
+    def __init__(self, config: ToyVLMConfig):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        self.config = config
+        c = config
+        self.patch_encoder = nn.Sequential(nn.Linear(task.PATCH, c.vision_dim), nn.GELU(),
+                                           nn.Linear(c.vision_dim, c.vision_dim))
+        self.patch_position = nn.Parameter(0.02 * torch.randn(c.patches, c.vision_dim))
+        self.projector = nn.Sequential(nn.Linear(c.vision_dim, c.hidden), nn.GELU(),
+                                       nn.Linear(c.hidden, c.hidden))
+        lm = LlamaConfig(vocab_size=task.VOCAB, hidden_size=c.hidden,
+                         intermediate_size=c.intermediate, num_hidden_layers=c.layers,
+                         num_attention_heads=c.heads, num_key_value_heads=c.kv_heads,
+                         max_position_embeddings=c.patches + 16, pad_token_id=task.PAD,
+                         bos_token_id=task.BOS)
+        lm._attn_implementation = "sdpa"
+        self.language_model = LlamaModel(lm)
+        self.lm_head = nn.Linear(c.hidden, task.VOCAB, bias=False)
+
+    def embed(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """pixels [B, P, PATCH], text [B, T] -> input embeddings [B, P + T, hidden]."""
+        vis = self.projector(self.patch_encoder(pixels) + self.patch_position)
+        return torch.cat([vis, self.language_model.embed_tokens(text)], dim=1)
+
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Training: logits [B, 2, VOCAB] at the colour token (predicts ANS) and at ANS
+        (predicts the answer); text is the full [BOS, QTYPE, COLOUR, ANS]."""
+        h = self.language_model(inputs_embeds=self.embed(pixels, text)).last_hidden_state
+        return self.lm_head(h[:, -2:])
+
+    @torch.no_grad()
+    def answer(self, pixels: torch.Tensor, text: torch.Tensor, cache=None) -> torch.Tensor:
+        """Inference as a user runs it: prefill image + [BOS, QTYPE, COLOUR] into ``cache``
+        (a transformers Cache; DynamicCache by default), then one decode step with ANS.
+        Returns the answer logits [B, VOCAB]."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache() if cache is None else cache
+        self.language_model(inputs_embeds=self.embed(pixels, text[:, :3]), past_key_values=cache,
+                            use_cache=True)
+        step = self.language_model.embed_tokens(text[:, 3:4])
+        h = self.language_model(inputs_embeds=step, past_key_values=cache,
+                                use_cache=True).last_hidden_state
+        return self.lm_head(h[:, -1])
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
