@@ -105,8 +105,8 @@ def ttft(shape, contexts, reps, skip=()):
                 ctx = sdpa_kernel([backend]) if backend is not None else _null()
                 with ctx, torch.no_grad():
                     if compiled is not None:
-                        h = compiled(input_ids=ids, past_key_values=DynamicCache()).last_hidden_state
-                        return model.lm_head(h[:, -1:])
+                        out = compiled(input_ids=ids, past_key_values=DynamicCache())
+                        return model.lm_head(out.last_hidden_state[:, -1:])
                     return model(input_ids=ids, past_key_values=DynamicCache(),
                                  logits_to_keep=1).logits
             try:

@@ -55,8 +55,9 @@ def dense(q, k, v, allowed, scale):
     """Exact attention of q [B, H, 1, d] over k, v [B, Hkv, L, d] where allowed [B, L]."""
     H, Hkv = q.shape[1], k.shape[1]
     mask = allowed[:, None, None, :]
+    g = H // Hkv
     return F.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(H // Hkv, 1), v.float().repeat_interleave(H // Hkv, 1),
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1),
         attn_mask=mask, scale=scale)
 
 

@@ -13,8 +13,8 @@ from .config import ZipVLConfig
 from .helpers import compile_language_model
 from .runtime.stats import SiteRecord, format_stats, reset as reset_stats, stats
 
-__all__ = ["ZipVLConfig", "ZipVLCache", "ZipVLBackend", "backend", "zipvl_backend", "reference", "stats",
-           "format_stats", "reset_stats", "SiteRecord", "compile_language_model"]
+__all__ = ["ZipVLConfig", "ZipVLCache", "ZipVLBackend", "backend", "zipvl_backend", "reference",
+           "stats", "format_stats", "reset_stats", "SiteRecord", "compile_language_model"]
 __version__ = "0.1.0"
 
 
