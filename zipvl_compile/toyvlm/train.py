@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2],
+                    help="difficulty levels to train on (0 easy, 1 medium, 2 hard)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="zipvl_compile/toyvlm/toyvlm.safetensors")
     args = ap.parse_args()
@@ -50,7 +52,8 @@ def main():
                                                 pct_start=0.05)
     t0 = time.time()
     for step in range(args.steps):
-        b = task.sample(args.batch, args.grid, args.seed * 1_000_003 + step)
+        b = task.sample(args.batch, args.grid, args.seed * 1_000_003 + step,
+                        levels=tuple(args.levels))
         logits = model(b.pixels.to(args.device), b.text.to(args.device))
         target = torch.stack([torch.full_like(b.answer, task.ANS), b.answer], 1).to(args.device)
         loss = F.cross_entropy(logits.reshape(-1, task.VOCAB), target.reshape(-1))
@@ -69,7 +72,7 @@ def main():
     meta = dict(config=json.dumps(model.config_dict()), accuracy=json.dumps(acc),
                 command=f"python -m zipvl_compile.toyvlm.train --grid {args.grid} "
                         f"--steps {args.steps} --batch {args.batch} --lr {args.lr} "
-                        f"--seed {args.seed}")
+                        f"--seed {args.seed} --levels {' '.join(map(str, args.levels))}")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               args.out, metadata=meta)
     print("saved", args.out)
