@@ -88,6 +88,15 @@ def mask_bias(attn_mask: Optional[torch.Tensor], B: int) -> Optional[torch.Tenso
     return bias.expand(B, -1).contiguous()
 
 
+def _logits(qg, k, pos, bias, scale):
+    """Scores [B, Hkv, g, N] of grouped queries qg [B, Hkv, g, d] over slots k [B, Hkv, N, d]
+    at positions pos [B, N]: the mask's bias gathered by position, -inf at empty slots."""
+    logits = torch.einsum("bkgd,bknd->bkgn", qg, k.float()) * scale
+    if bias is not None:
+        logits = logits + bias.gather(1, pos.clamp(min=0))[:, None, None]
+    return logits.masked_fill(~(pos >= 0)[:, None, None], float("-inf"))
+
+
 # ---- the reference: dequantize everything, then attention -------------------------------------
 
 def reference(q, segs: list[Segment], attn_mask, scale) -> torch.Tensor:
@@ -100,12 +109,7 @@ def reference(q, segs: list[Segment], attn_mask, scale) -> torch.Tensor:
     pos = torch.cat([p[2] for p in parts], dim=1)
     Hkv = k.shape[1]
     qg = q.float().view(B, Hkv, H // Hkv, d)
-    logits = torch.einsum("bkgd,bknd->bkgn", qg, k) * scale
-    allowed = pos >= 0
-    bias = mask_bias(attn_mask, B)
-    if bias is not None:
-        logits = logits + bias.gather(1, pos.clamp(min=0))[:, None, None]
-    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    logits = _logits(qg, k, pos, mask_bias(attn_mask, B), scale)
     out = torch.einsum("bkgn,bknd->bkgd", torch.softmax(logits, dim=-1), v)
     return out.reshape(B, H, 1, v.shape[-1]).to(q.dtype)
 
@@ -125,10 +129,7 @@ def chunked(q, segs: list[Segment], attn_mask, scale, chunk: int = CHUNK) -> tor
         step = max(chunk // seg.group, 1) * seg.group
         for start in range(0, seg.slots, step):
             k, v, pos = seg.dequantize(start, min(start + step, seg.slots))
-            logits = torch.einsum("bkgd,bknd->bkgn", qg, k.float()) * scale
-            if bias is not None:
-                logits = logits + bias.gather(1, pos.clamp(min=0))[:, None, None]
-            logits = logits.masked_fill(~(pos >= 0)[:, None, None], float("-inf"))
+            logits = _logits(qg, k, pos, bias, scale)
             m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
             m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
             p = torch.exp(logits - m_safe)

@@ -59,6 +59,13 @@ def make_pool(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bits:
                 quant.quantize(values, bits, vgroup, per_channel=False), pos.to(torch.int32))
 
 
+def pool_at(keys: torch.Tensor, values: torch.Tensor, gather: torch.Tensor, pos: torch.Tensor,
+            bits: int, group_size: int, vgroup: int) -> Pool:
+    """``make_pool`` of the tokens at positions ``gather [B, P]`` of keys/values [B, Hkv, n, d]."""
+    return make_pool(gather_tokens(keys, gather), gather_tokens(values, gather), pos, bits,
+                     group_size, vgroup)
+
+
 def append_group(pool: Pool, keys: torch.Tensor, values: torch.Tensor,
                  pos: torch.Tensor) -> Pool:
     """A new pool with ``group_size`` more slots: keys/values [B, Hkv, G, d], pos [B, G]."""

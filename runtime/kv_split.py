@@ -29,6 +29,12 @@ class Split:
     hi_counts: list[int]
     lo_counts: list[int]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this split holds."""
+        out = [self.res_k, self.res_v, *self.hi.tensors()]
+        out += list(self.lo.tensors()) if self.lo is not None else []
+        return [t for t in out if t is not None]
+
 
 @dataclass
 class Plan:
@@ -63,17 +69,20 @@ def split_by_importance(keys, values, plan: Plan, counts: list[list[int]], *, hi
 
     def pool(member, cnt, bits):
         gather, pos = kv_pool.slot_positions(member, cnt, group_size)
-        return kv_pool.make_pool(kv_pool.gather_tokens(keys, gather),
-                                 kv_pool.gather_tokens(values, gather), pos, bits, group_size,
-                                 vgroup)
+        return kv_pool.pool_at(keys, values, gather, pos, bits, group_size, vgroup)
 
     has_low = max(lo_counts, default=0) > 0
     lo = pool(~plan.member, lo_counts, low_bits) if has_low and low_bits else None
-    split = Split(pool(plan.member, hi_counts, high_bits), lo, keys[:, :, m:].contiguous(),
-                  values[:, :, m:].contiguous(), keys.new_empty(0, keys.shape[-2]),
-                  has_low and low_bits == 0, hi_counts, lo_counts)
+    split = _with_residual(keys, values, m, pool(plan.member, hi_counts, high_bits), lo,
+                           has_low and low_bits == 0, hi_counts, lo_counts)
     _mark_growing_dims(split)
     return split
+
+
+def _with_residual(keys, values, m, hi, lo, evicted, hi_counts, lo_counts) -> Split:
+    """The split with these pools; prompt tokens ``m:`` form the residual window."""
+    return Split(hi, lo, keys[:, :, m:].contiguous(), values[:, :, m:].contiguous(),
+                 keys.new_empty(0, keys.shape[-2]), evicted, hi_counts, lo_counts)
 
 
 def _mark_growing_dims(split: Split) -> None:
@@ -98,8 +107,5 @@ def split_uniform(keys, values, *, high_bits, residual_length, group_size, vgrou
     slot = torch.arange(P, device=keys.device)
     gather = slot.clamp(max=max(m - 1, 0))[None, :].expand(B, P)
     pos = torch.where(slot < m, slot, -1)[None, :].repeat(B, 1)
-    hi = kv_pool.make_pool(kv_pool.gather_tokens(keys, gather),
-                           kv_pool.gather_tokens(values, gather), pos, high_bits, group_size,
-                           vgroup)
-    return Split(hi, None, keys[:, :, m:].contiguous(), values[:, :, m:].contiguous(),
-                 keys.new_empty(0, n), False, [], [])
+    hi = kv_pool.pool_at(keys, values, gather, pos, high_bits, group_size, vgroup)
+    return _with_residual(keys, values, m, hi, None, False, [], [])

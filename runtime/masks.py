@@ -43,44 +43,14 @@ def valid_tokens(mask4: torch.Tensor) -> torch.Tensor:
     return allowed(mask4).diagonal(dim1=-2, dim2=-1)[:, 0]
 
 
+CHUNK_ELEMENTS = 1 << 27  # mask entries per step of mask_kind (128 MiB of bool)
+
+
 def mask_kind(mask4: torch.Tensor) -> torch.Tensor:
-    """[B, 1, n, n] mask -> 0-dim int64 tensor: STANDARD, CAUSAL or NONCAUSAL (whole batch)."""
-    ok = allowed(mask4)[:, 0]
-    n = ok.shape[-1]
-    pos = torch.arange(n, device=mask4.device)
-    valid = ok.diagonal(dim1=-2, dim2=-1)
-    row_valid = valid[:, :, None]
-    causal = pos[None, :] <= pos[:, None]
-    looks_ahead = (ok & ~causal & row_valid).any()
-    expected = causal & valid[:, None, :]
-    mismatch = ((ok != expected) & row_valid).any()
-    b = bias(mask4)
-    if b is not None:
-        mismatch = mismatch | (b != 0).any()
-    return torch.where(looks_ahead, NONCAUSAL, torch.where(mismatch, CAUSAL, STANDARD)).long()
+    """[B, 1, n, n] mask -> 0-dim int64 tensor: STANDARD, CAUSAL or NONCAUSAL (whole batch).
 
-
-def probe_rows(mask4: torch.Tensor, probes: torch.Tensor):
-    """Rows of the mask at probe positions: (allowed [B, m, n] bool, bias [B, m, n] or None)."""
-    B, _, _, n = mask4.shape
-    rows = mask4[:, 0].gather(1, probes[:, :, None].expand(B, probes.shape[1], n))
-    return allowed(rows), bias(rows)
-
-
-# ---- opaque versions for compiled graphs --------------------------------------------------------
-# Under torch.compile, transformers (with torch < 2.14) materializes the causal mask from index
-# comparisons.  Inductor fused that producer into the reductions above and then failed to compile
-# on Triton at 32K tokens (a sympy value-range error on index-derived booleans; Qwen2-7B shape,
-# torch 2.11, H200).  These ops read the realized mask instead: nothing can be fused into them.
-
-CHUNK_ELEMENTS = 1 << 27  # mask entries per step of mask_summary (128 MiB of bool)
-
-
-@torch.library.custom_op("zipvl::mask_summary", mutates_args=())
-def mask_summary(mask4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, 1, n, n] mask -> (valid [B, n] bool, kind 0-dim int64), as ``valid_tokens`` and
-    ``mask_kind``, ``CHUNK_ELEMENTS`` entries at a time (no temporary of the mask's size)."""
-    valid = valid_tokens(mask4).clone()  # a diagonal view of the input otherwise
+    Reads ``CHUNK_ELEMENTS`` entries at a time: no temporary of the mask's size."""
+    valid = valid_tokens(mask4)
     n = mask4.shape[-1]
     pos = torch.arange(n, device=mask4.device)
     ahead = torch.zeros((), dtype=torch.bool, device=mask4.device)
@@ -96,8 +66,20 @@ def mask_summary(mask4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = bias(rows)
         if b is not None:
             mismatch |= (b != 0).any()
-    kind = torch.where(ahead, NONCAUSAL, torch.where(mismatch, CAUSAL, STANDARD)).long()
-    return valid, kind
+    return torch.where(ahead, NONCAUSAL, torch.where(mismatch, CAUSAL, STANDARD)).long()
+
+
+# ---- opaque ops for compiled graphs ---------------------------------------------------------------
+# Under torch.compile, transformers (with torch < 2.14) materializes the causal mask from index
+# comparisons.  Inductor fused that producer into ZipVL's mask reductions and then failed to
+# compile on Triton at 32K tokens (a sympy value-range error on index-derived booleans;
+# Qwen2-7B shape, torch 2.11, H200).  These ops read the realized mask: nothing fuses into them.
+
+
+@torch.library.custom_op("zipvl::mask_summary", mutates_args=())
+def mask_summary(mask4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 1, n, n] mask -> (``valid_tokens`` [B, n] bool, ``mask_kind`` 0-dim int64)."""
+    return valid_tokens(mask4).clone(), mask_kind(mask4)  # clone: not a view of the input
 
 
 @mask_summary.register_fake

@@ -76,7 +76,7 @@ def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, 
     ``mask_summary`` its ``masks.mask_summary`` if already computed."""
     B, H, n, _ = q.shape
     if attn_mask is None:
-        valid = torch.ones(B, n, dtype=torch.bool, device=q.device)
+        valid, kind = torch.ones(B, n, dtype=torch.bool, device=q.device), None
     else:
         valid, kind = mask_summary if mask_summary is not None else masks.mask_summary(attn_mask)
     n_valid = valid.sum(dim=-1)
@@ -93,5 +93,4 @@ def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, 
     normalized = acc / (H * seen_by.clamp(min=1))
     recent = valid & (count_from_end(valid) <= keep_recent)
     score = torch.where(recent, float("inf"), torch.where(valid, normalized, float("-inf")))
-    return Selection(kept_order(score, budget), budget, n_valid,
-                     kind if attn_mask is not None else None)
+    return Selection(kept_order(score, budget), budget, n_valid, kind)

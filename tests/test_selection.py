@@ -131,7 +131,9 @@ def test_probe_sampler_properties():
     assert p0[0].tolist() == list(range(492, 500)) and ok0.all()
 
 
-def test_mask_kind_classification():
+@pytest.mark.parametrize("chunk", [1 << 27, 24])  # one pass; two rows of 12 per step
+def test_mask_kind_classification(chunk, monkeypatch):
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", chunk)
     n = 12
     causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
     assert masks.mask_kind(causal) == masks.STANDARD
@@ -140,6 +142,9 @@ def test_mask_kind_classification():
     spans = causal.clone()
     spans[..., 3:7, 3:7] = True  # bidirectional image span
     assert masks.mask_kind(spans) == masks.NONCAUSAL
+    late = causal.clone()
+    late[..., 10, 11] = True  # looks ahead in the last step only
+    assert masks.mask_kind(late) == masks.NONCAUSAL
     additive = torch.zeros(1, 1, n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
     assert masks.mask_kind(additive) == masks.STANDARD
     assert masks.mask_kind(additive + 0.5 * causal) == masks.CAUSAL  # a bias

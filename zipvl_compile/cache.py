@@ -227,12 +227,8 @@ class ZipVLCache(Cache):
         positions, residual window, unsplit prompt), counting each storage once."""
         seen, total = set(), 0
         tensors = [t for layer in self.layers for t in layer.tensors()]
-        for split in self.adopted.values():
-            tensors += [split.res_k, split.res_v, *split.hi.tensors()]
-            tensors += list(split.lo.tensors()) if split.lo is not None else []
+        tensors += [t for split in self.adopted.values() for t in split.tensors()]
         for t in tensors:
-            if t is None:
-                continue
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
