@@ -212,3 +212,38 @@ def test_a_mask_shared_by_every_layer_is_summarized_once_per_graph():
     (gm,) = graphs
     summaries = [n for n in gm.graph.nodes if n.target is mask_summary_for]
     assert sum(d.sparse for d in zipvl.decisions) == 3 and len(summaries) == 1
+
+
+def _cache_reader(args, **sdpa):
+    def read(q):
+        k, v = torch.ops.zipvl.cache_kv(*args)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **sdpa)
+    return read
+
+
+def test_decode_over_the_cache_is_fused_or_reports_why_not():
+    from test_kv_cache import filled_cache
+    from zipvl_compile.runtime import decode_attention as da
+
+    cache, k, _, _ = filled_cache(ZipVLConfig(group_size=16, residual_length=8))
+    args = cache.layers[0].kernel_args()
+    q = torch.randn(2, 4, 1, 16)
+    f, be = compile_fn(_cache_reader(args))
+    out = f(q)
+    (site,) = be.decisions
+    assert site.sparse and site.phase == "decode"
+    assert [r.path for r in zipvl_compile.stats() if r.phase == "decode"] == ["fused-decode"]
+    torch.testing.assert_close(out, da.reference(q, da.segments(*args), None, 16 ** -0.5))
+
+    L = k.shape[2]
+    for sdpa, reason in ((dict(attn_mask=torch.ones(2, 4, 1, L, dtype=torch.bool)),
+                          "per-head or per-query attention mask"),
+                         (dict(is_causal=True), "is_causal=True with one query")):
+        torch._dynamo.reset()
+        zipvl_compile.reset_stats()
+        f, be = compile_fn(_cache_reader(args, **sdpa))
+        torch.testing.assert_close(f(q), _cache_reader(args, **sdpa)(q))
+        (site,) = be.decisions
+        assert not site.sparse and reason in site.reason
+        (rec,) = [r for r in zipvl_compile.stats() if r.phase == "decode"]
+        assert rec.path == "dense" and reason in rec.reason and "ZipVLCache" in rec.reason
