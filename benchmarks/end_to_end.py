@@ -5,6 +5,7 @@ Random weights have no attention sparsity, so ZipVL runs with a forced kept rati
 every table says so.
 
     python benchmarks/end_to_end.py --part ttft --contexts 32768 131072
+    python benchmarks/end_to_end.py --part stages --contexts 32768 131072   # Table E
     python benchmarks/end_to_end.py --part decode --contexts 32768 131072 --batches 1 8
 
 TTFT: one prefill forward (``logits_to_keep=1``) of dense eager (transformers' SDPA default),
@@ -77,32 +78,45 @@ def timed(fn, reps):
     return statistics.median(times), torch.cuda.max_memory_allocated()
 
 
-def ttft(shape, contexts, reps, skip=()):
+TTFT_VARIANTS = [
+    # (name, how, settings): how = "eager" / "cudnn" / "inductor" / "zipvl"
+    ("dense eager (transformers SDPA default)", "eager", {}),
+    ("dense eager (cuDNN SDPA)", "cudnn", {}),
+    ("dense compiled (Inductor)", "inductor", {}),
+    ("zipvl ratio 0.45", "zipvl", dict(ratio=0.45)),
+    ("zipvl ratio 0.30", "zipvl", dict(ratio=0.30)),
+]
+# The paper's Table E: cumulative cost as each stage is added.  The scoring rows run the
+# adaptive budget (tau, which sorts) and then exact dense attention (``stop_after``); the last
+# row is the full method at the forced ratio (which needs no sort).
+STAGE_VARIANTS = [
+    ("dense eager (transformers SDPA default)", "eager", {}),
+    ("+ probe scoring (dense attention)", "zipvl", dict(stop_after="scores")),
+    ("+ sort and cumsum (dense attention)", "zipvl", dict(stop_after="budget")),
+    ("+ normalize and top-k (dense attention)", "zipvl", dict(stop_after="selection")),
+    ("+ sparse attention = zipvl ratio 0.45", "zipvl", dict(ratio=0.45)),
+]
+
+
+def ttft(shape, contexts, reps, variants, skip=(), profile=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
     model = build(shape)
     rows = []
-    variants = [("dense eager (transformers SDPA default)", None, None),
-                ("dense eager (cuDNN SDPA)", None, SDPBackend.CUDNN_ATTENTION),
-                ("dense compiled (Inductor)", "inductor", None),
-                ("zipvl ratio 0.45", 0.45, None),
-                ("zipvl ratio 0.30", 0.30, None)]
-    for name, how, backend in variants:
+    for name, how, settings in variants:
         if any(word in name for word in skip):
             continue
         torch._dynamo.reset()
         lm = model.model
-        compiled = None
-        if how == "inductor":
-            compiled = torch.compile(lm)
-        elif isinstance(how, float):
-            zipvl_compile.compile_language_model(model, ratio=how)
+        compiled = torch.compile(lm) if how == "inductor" else None
+        if how == "zipvl":
+            zipvl_compile.compile_language_model(model, **settings)
         for n in contexts:
             ids = torch.randint(0, 1000, (1, n), device="cuda")
 
             def run():
-                ctx = sdpa_kernel([backend]) if backend is not None else _null()
+                ctx = sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if how == "cudnn" else _null()
                 with ctx, torch.no_grad():
                     if compiled is not None:
                         out = compiled(input_ids=ids, past_key_values=DynamicCache())
@@ -110,16 +124,32 @@ def ttft(shape, contexts, reps, skip=()):
                     return model(input_ids=ids, past_key_values=DynamicCache(),
                                  logits_to_keep=1).logits
             try:
+                zipvl_compile.reset_stats()
                 t, peak = timed(run, reps)
+                paths = sorted({f"{r.path}: {r.reason}" if r.reason else r.path
+                                for r in zipvl_compile.stats() if r.phase == "prefill"})
                 rows.append(dict(shape=shape, context=n, variant=name, ttft_s=t,
-                                 peak_gib=peak / 2**30))
+                                 peak_gib=peak / 2**30, sites=paths))
+                if profile and how == "zipvl" and n == max(contexts):
+                    print(f"--- profile: {name} at {n} tokens")
+                    print(profile_table(run))
             except Exception as e:  # a failing variant is reported, the others still run
                 rows.append(dict(shape=shape, context=n, variant=name, ttft_s=None,
                                  peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(rows[-1], flush=True)
-        if isinstance(how, float):  # undo compile_language_model's in-place compile
+        if how == "zipvl":  # undo compile_language_model's in-place compile
             lm._compiled_call_impl = None
     return rows
+
+
+def profile_table(run, top=18):
+    """The ``top`` GPU kernels of one run by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
 
 
 class _null:
@@ -223,7 +253,7 @@ def decode(shape, contexts, batches, steps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["ttft", "decode"], required=True)
+    ap.add_argument("--part", choices=["ttft", "stages", "decode"], required=True)
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen2-7b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -231,22 +261,30 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip", nargs="*", default=[],
                     help="skip TTFT variants whose name contains one of these words")
+    ap.add_argument("--profile", action="store_true",
+                    help="ttft/stages: profile the zipvl runs at the largest context")
     ap.add_argument("--json")
     args = ap.parse_args()
     from tabulate import tabulate
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"shape {args.shape}  (random weights: ZipVL ratios are forced)")
-    if args.part == "ttft":
-        rows = ttft(args.shape, args.contexts, args.reps, args.skip)
+    if args.part in ("ttft", "stages"):
+        variants = TTFT_VARIANTS if args.part == "ttft" else STAGE_VARIANTS
+        rows = ttft(args.shape, args.contexts, args.reps, variants, args.skip, args.profile)
         base = {r["context"]: r["ttft_s"] for r in rows if "default" in r["variant"]}
+
+        def vs(r, fmt):
+            b = base.get(r["context"])
+            return "-" if r["ttft_s"] is None or not b else fmt(b, r["ttft_s"])
         print(tabulate([[r["context"], r["variant"],
                          "failed" if r["ttft_s"] is None else f"{r['ttft_s']:.3f}",
-                         "-" if r["ttft_s"] is None or not base.get(r["context"])
-                         else f"{base[r['context']] / r['ttft_s']:.2f}x",
+                         vs(r, lambda b, t: f"{b / t:.2f}x"),
+                         vs(r, lambda b, t: f"{100 * (t - b) / b:+.1f}%"),
                          "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
                         for r in rows],
-                       headers=["context", "prefill", "TTFT s", "vs default", "peak GiB"]))
+                       headers=["context", "prefill", "TTFT s", "speedup", "time vs default",
+                                "peak GiB"]))
     else:
         rows = decode(args.shape, args.contexts, args.batches, args.steps)
         base = {(r["batch"], r["context"]): r["tokens_per_s"] for r in rows

@@ -1,6 +1,7 @@
 """The pass pipeline: find sites, classify them, rewrite the sparse ones, register statistics."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import fx
@@ -37,7 +38,9 @@ class PassManager:
         decisions, salt, fused = [], 0, 0
         marks = decode.prompt_marks(gm)
         summaries: dict = {}
+        replaced: dict[fx.Node, fx.Node] = {}  # outputs of rewritten sites -> their new nodes
         for site in found:
+            site = _inputs_after_rewrites(site, replaced)
             cache_kv = decode.cache_source(site)
             if cache_kv is not None:
                 decisions.append(self._decode_site(gm, site, cache_kv))
@@ -49,9 +52,9 @@ class PassManager:
                                       kernel="" if reason else kernel)
             uid = stats.register(record)
             if not reason:
-                rewrite.rewrite_site(gm, site, dict(self.settings, site=uid, salt=salt,
-                                                    **decode.prompt_cache(site, marks)),
-                                     summaries)
+                replaced[site.output] = rewrite.rewrite_site(
+                    gm, site, dict(self.settings, site=uid, salt=salt,
+                                   **decode.prompt_cache(site, marks)), summaries)
                 salt += 1
             decisions.append(SiteDecision(site.name, site.module_type, site.phase, site.pattern,
                                           not reason, reason, uid))
@@ -74,3 +77,11 @@ class PassManager:
         return SiteDecision(site.name, site.module_type, site.phase, site.pattern, not problem,
                             reason, uid)
 
+
+
+def _inputs_after_rewrites(site: sites.AttentionSite, replaced: dict) -> sites.AttentionSite:
+    """``site`` with inputs that were outputs of sites rewritten before it (attention feeding
+    attention directly) pointing at the nodes that replaced them."""
+    fields = {name: replaced[node] for name in ("q", "k", "v", "attn_mask")
+              if (node := getattr(site, name)) in replaced}
+    return dataclasses.replace(site, **fields) if fields else site

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import masks, selection, stats
 # importing sparse_attention registers the torch.ops.zipvl custom ops used below
-from .sparse_attention import sparse_prefill_flex
+from .sparse_attention import dense_after, sparse_prefill_flex  # noqa: F401
 
 
 def mask_summary_for(attn_mask, q):
@@ -22,8 +22,8 @@ def mask_summary_for(attn_mask, q):
 
 def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, recent_probes,
                   random_probes, keep_recent, min_keep, seed, salt, sparse_queries, keep_all,
-                  min_tokens, cache_token=None, cache_layer=-1, cache_k=None, cache_v=None,
-                  mask_summary=None):
+                  min_tokens, stop_after=None, cache_token=None, cache_layer=-1, cache_k=None,
+                  cache_v=None, mask_summary=None):
     """ZipVL sparse prefill of one causal self-attention call.
 
     q [B, H, n, d]; k, v [B, Hkv, n, d]; attn_mask None (plain causal) or broadcastable to
@@ -39,10 +39,17 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
                                               enable_gqa=k.shape[1] != H)
     scale = d ** -0.5 if scale is None else scale
     mask4 = masks.as_4d(attn_mask, B, n) if attn_mask is not None else None
+    if mask4 is not None and mask_summary is None:
+        mask_summary = masks.mask_summary(mask4)
     sel = selection.select(
         q, k, attn_mask=mask4, scale=scale, tau=tau, ratio=ratio, recent_probes=recent_probes,
         random_probes=random_probes, keep_recent=keep_recent, min_keep=min_keep, seed=seed,
-        salt=salt, keep_all=keep_all, mask_summary=mask_summary)
+        salt=salt, keep_all=keep_all, mask_summary=mask_summary, stop_after=stop_after)
+    if stop_after is not None:
+        stats.update(site, n if isinstance(n, int) else None, [], [], path="dense",
+                     reason=f"measurement: selection stops after {stop_after!r}")
+        kind = mask_summary[1] if attn_mask is not None else None
+        return torch.ops.zipvl.dense_after(q, k, v, attn_mask, kind, sel, scale)
     if kernel == "flex":
         budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site,
                                                 cache_token, cache_layer, cache_k, cache_v)

@@ -71,9 +71,13 @@ def kept_order(score, budget):
 
 
 def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, keep_recent,
-           min_keep, seed, salt, keep_all, mask_summary=None) -> Selection:
-    """Steps 1-6 for a batch.  ``attn_mask`` is None (plain causal) or a [B, 1, n, n] mask;
-    ``mask_summary`` its ``masks.mask_summary`` if already computed."""
+           min_keep, seed, salt, keep_all, mask_summary=None, stop_after=None):
+    """Steps 1-6 for a batch -> ``Selection``.  ``attn_mask`` is None (plain causal) or a
+    [B, 1, n, n] mask; ``mask_summary`` its ``masks.mask_summary`` if already computed.
+
+    ``stop_after`` (measurement, ``ZipVLConfig.stop_after``): return the last tensor of that
+    stage instead: the probe mass ``[B, n]`` ("scores"), the clamped budget ``[B]`` ("budget")
+    or the kept order ``[B, n]`` ("selection")."""
     B, H, n, _ = q.shape
     if attn_mask is None:
         valid, kind = torch.ones(B, n, dtype=torch.bool, device=q.device), None
@@ -87,10 +91,16 @@ def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, 
         rows = masks.mask_rows(attn_mask, probes)
         allowed_rows, bias_rows = masks.allowed(rows), masks.bias(rows)
     acc, seen_by = probe_scores(q, k, probes, probe_valid, allowed_rows, bias_rows, scale)
+    if stop_after == "scores":
+        return acc
     total = H * probe_valid.sum(dim=-1)
     budget = budget_from_scores(acc, n_valid, total, tau, ratio, keep_all)
     budget = clamp_budget(budget, n_valid, min_keep, keep_recent)
+    if stop_after == "budget":
+        return budget
     normalized = acc / (H * seen_by.clamp(min=1))
     recent = valid & (count_from_end(valid) <= keep_recent)
     score = torch.where(recent, float("inf"), torch.where(valid, normalized, float("-inf")))
+    if stop_after == "selection":
+        return kept_order(score, budget)
     return Selection(kept_order(score, budget), budget, n_valid, kind)

@@ -131,7 +131,8 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
                                              attn_mask=mask4, scale=scale)
         return out.transpose(1, 2).contiguous().transpose(1, 2)
-    stats.update(site, n, budgets, valid)
+    stats.update(site, n, budgets, valid, reason="" if kind == masks.STANDARD else
+                 "mask is causal but not plain (window or bias): gathered mask, no causal kernel")
     m = max(budgets)
     idx = kept_idx[:, :m]
     k_c, v_c = gather_rows(k, idx), gather_rows(v, idx)
@@ -159,6 +160,30 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @sparse_prefill_sdpa.register_fake
 def _(q, k, v, kept_idx, budget, n_valid, attn_mask, mask_kind, scale, sparse_queries, site,
       cache_token=None, cache_layer=-1, cache_k=None, cache_v=None):
+    B, H, n, _ = q.shape
+    return q.new_empty(B, n, H, v.shape[-1]).transpose(1, 2)
+
+
+@torch.library.custom_op("zipvl::dense_after", mutates_args=())
+def dense_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: Optional[torch.Tensor], mask_kind: Optional[torch.Tensor],
+                after: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact dense attention, run after ``after`` (a selection stage's output, unused: the data
+    dependency keeps that stage in the graph; ``ZipVLConfig.stop_after``).  Plain causal masks
+    without padding (STANDARD, every token valid) take the mask-free causal kernel, as the sparse
+    path does."""
+    B, H, n, _ = q.shape
+    plain = attn_mask is None or (int(mask_kind) == masks.STANDARD and bool(
+        masks.valid_tokens(masks.as_4d(attn_mask, B, n)).all()))
+    with _causal_backends(q.device) if plain else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q, _repeat_kv(k, H), _repeat_kv(v, H), scale=scale, is_causal=plain,
+            attn_mask=None if plain else masks.as_4d(attn_mask, B, n))
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@dense_after.register_fake
+def _(q, k, v, attn_mask, mask_kind, after, scale):
     B, H, n, _ = q.shape
     return q.new_empty(B, n, H, v.shape[-1]).transpose(1, 2)
 

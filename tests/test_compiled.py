@@ -118,3 +118,30 @@ def test_prompts_below_min_tokens_stay_dense(model):
     records = zipvl_compile.stats()
     assert all(r.path == "sparse" and r.seq_len == 230 for r in records), records
     assert len(calls) == 2  # one graph per side of the threshold
+
+
+@pytest.mark.parametrize("stage", ["scores", "budget", "selection"])
+@torch.no_grad()
+def test_stop_after_runs_the_stages_then_exact_dense_attention(model, stage, monkeypatch):
+    from zipvl_compile.runtime import selection
+
+    ran = []
+    for name in ("probe_scores", "budget_from_scores", "kept_order"):
+        real = getattr(selection, name)
+        monkeypatch.setattr(selection, name,
+                            lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    be = zipvl_compile.backend(CFG.replace(ratio=0.3, stop_after=stage), inductor=False)
+    f = torch.compile(model, backend=be, dynamic=False)
+    ids = torch.randint(0, 64, (2, 150))
+    mask, valid = padding_mask([150, 90], 150, left=True)
+    for m in (None, mask):
+        out = f(ids, m)
+        expected = model(ids, m)
+        torch.testing.assert_close(out[valid] if m is not None else out,
+                                   expected[valid] if m is not None else expected,
+                                   rtol=1e-5, atol=1e-5)
+    stages = {"scores": {"probe_scores"}, "budget": {"probe_scores", "budget_from_scores"},
+              "selection": {"probe_scores", "budget_from_scores", "kept_order"}}[stage]
+    assert set(ran) == stages
+    assert all(r.path == "dense" and f"stops after '{stage}'" in r.reason
+               for r in zipvl_compile.stats())

@@ -214,6 +214,24 @@ def test_a_mask_shared_by_every_layer_is_summarized_once_per_graph():
     assert sum(d.sparse for d in zipvl.decisions) == 3 and len(summaries) == 1
 
 
+def test_attention_feeding_attention_directly_is_rewritten_in_order():
+    """The second site's query is the first site's output: after the first rewrite it must read
+    the node that replaced it (an FX graph with a use before its definition fails to run)."""
+    (q, k, v), _ = planted_qkv(B=2, H=4, Hkv=4, n=120)
+
+    def two_layers(q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(o, k, v, is_causal=True)
+
+    f, be = compile_fn(two_layers)
+    with torch.no_grad():
+        out = f(q, k, v)
+    assert [d.sparse for d in be.decisions] == [True, True]
+    ref = reference.zipvl_attention(q, k, v, CFG, salt=0)[0]
+    torch.testing.assert_close(out, reference.zipvl_attention(ref, k, v, CFG, salt=1)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
 def _cache_reader(args, **sdpa):
     def read(q):
         k, v = torch.ops.zipvl.cache_kv(*args)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 KERNELS = ("auto", "sdpa", "flex")
 HIGH_BITS = (16, 8, 4, 2)
 LOW_BITS = (16, 8, 4, 2, 0)
+STAGES = ("scores", "budget", "selection")
 CACHE_FIELDS = ("high_bits", "low_bits", "group_size", "residual_length")
 
 
@@ -32,6 +33,11 @@ class ZipVLConfig:
                     (fastest, one host sync per layer, not CUDA-graph capturable); "flex" keeps the
                     budget on the device (FlexAttention, graph capturable); "auto" picks "flex" under
                     CUDA-graph modes ("reduce-overhead", "max-autotune") and "sdpa" otherwise.
+    stop_after:     measurement only (the paper's Table E, ``benchmarks/end_to_end.py``): None
+                    (default) runs ZipVL; "scores" (probe scoring), "budget" (+ sort and cumsum
+                    of the adaptive budget) or "selection" (+ normalized scores and top-k) run the
+                    selection up to that stage and then exact dense attention, so the output is
+                    dense and the cost of each stage can be timed.
 
     Mixed-precision KV cache (``ZipVLCache``; DESIGN.md section 1, step 8):
 
@@ -56,6 +62,7 @@ class ZipVLConfig:
     seed: int = 0
     min_tokens: int = 0
     kernel: str = "auto"
+    stop_after: str | None = None
     high_bits: int = 4
     low_bits: int = 2
     group_size: int = 128
@@ -75,6 +82,9 @@ class ZipVLConfig:
             raise ValueError(f"sparse_queries must be a bool (got {self.sparse_queries!r})")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS} (got {self.kernel!r})")
+        if self.stop_after is not None and self.stop_after not in STAGES:
+            raise ValueError(f"stop_after must be None or one of {STAGES} "
+                             f"(got {self.stop_after!r})")
         if isinstance(self.high_bits, bool) or self.high_bits not in HIGH_BITS:
             raise ValueError(f"high_bits must be one of {HIGH_BITS} (got {self.high_bits!r})")
         if isinstance(self.low_bits, bool) or self.low_bits not in LOW_BITS:
