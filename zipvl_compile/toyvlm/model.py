@@ -1,6 +1,9 @@
 """The toy VLM: patch encoder -> projector -> ``transformers`` Llama decoder (LLaVA's shape).
 
-Image tokens come first, then the text (``task`` token layout).  The decoder is a
+Image tokens come first, then the text (``task`` token layout).  Patches carry no learned
+position table (the task does not depend on where a patch is; the decoder's RoPE orders the
+tokens), so one model takes images of any grid size and can be trained with a curriculum over
+grid sizes.  The decoder is a
 ``LlamaModel`` built from a ``LlamaConfig`` with SDPA attention, so the zipvl backend sees the
 graph a user's transformers model gives; it is ``model.language_model`` (what
 ``compile_language_model`` compiles).
@@ -14,10 +17,12 @@ from torch import nn
 
 from . import task
 
+MAX_TOKENS = 8192   # positions RoPE is configured for (images up to ~90 x 90 patches)
+
 
 @dataclass(frozen=True)
 class ToyVLMConfig:
-    grid: int = 16          # image of grid x grid patches (visual tokens)
+    grid: int = 16          # default image: grid x grid patches (the model takes any grid)
     vision_dim: int = 64
     hidden: int = 128
     layers: int = 4
@@ -39,13 +44,12 @@ class ToyVLM(nn.Module):
         c = config
         self.patch_encoder = nn.Sequential(nn.Linear(task.PATCH, c.vision_dim), nn.GELU(),
                                            nn.Linear(c.vision_dim, c.vision_dim))
-        self.patch_position = nn.Parameter(0.02 * torch.randn(c.patches, c.vision_dim))
         self.projector = nn.Sequential(nn.Linear(c.vision_dim, c.hidden), nn.GELU(),
                                        nn.Linear(c.hidden, c.hidden))
         lm = LlamaConfig(vocab_size=task.VOCAB, hidden_size=c.hidden,
                          intermediate_size=c.intermediate, num_hidden_layers=c.layers,
                          num_attention_heads=c.heads, num_key_value_heads=c.kv_heads,
-                         max_position_embeddings=c.patches + 16, pad_token_id=task.PAD,
+                         max_position_embeddings=MAX_TOKENS, pad_token_id=task.PAD,
                          bos_token_id=task.BOS)
         lm._attn_implementation = "sdpa"
         self.language_model = LlamaModel(lm)
@@ -53,7 +57,7 @@ class ToyVLM(nn.Module):
 
     def embed(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """pixels [B, P, PATCH], text [B, T] -> input embeddings [B, P + T, hidden]."""
-        vis = self.projector(self.patch_encoder(pixels) + self.patch_position)
+        vis = self.projector(self.patch_encoder(pixels))
         return torch.cat([vis, self.language_model.embed_tokens(text)], dim=1)
 
     def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

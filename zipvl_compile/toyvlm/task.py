@@ -60,36 +60,32 @@ class Batch:
     relevant: torch.Tensor
 
 
-def _draw(colour: torch.Tensor, glyph: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return (glyph[:, :, None] * colour[None, None, :] + noise).reshape(PATCH)
-
-
 def sample(n: int, grid: int, seed: int, levels=(0, 1, 2), clutter: float = 0.3) -> Batch:
-    """``n`` samples with levels drawn uniformly from ``levels``."""
+    """``n`` samples with levels drawn uniformly from ``levels`` (vectorized; CPU generator, so a
+    seed gives the same samples on every device)."""
     g = torch.Generator().manual_seed(seed)
     P = grid * grid
-    pixels = 0.15 * torch.rand(n, P, 4, 4, 3, generator=g)
-    text = torch.empty(n, 4, dtype=torch.long)
-    answer = torch.empty(n, dtype=torch.long)
+    n_clutter = int(clutter * P)
     level = torch.tensor(levels)[torch.randint(len(levels), (n,), generator=g)]
-    relevant = torch.zeros(n, P, dtype=torch.bool)
-    for i in range(n):
-        target = int(torch.randint(len(COLOURS), (1,), generator=g))
-        others = [c for c in range(len(COLOURS)) if c != target]
-        lv = int(level[i])
-        k = 1 if lv == 0 else int(torch.randint(COUNTS[lv][0], COUNTS[lv][1] + 1, (1,),
-                                                generator=g))
-        order = torch.randperm(P, generator=g)
-        rel = order[:k]
-        clut = order[k:k + int(clutter * P)]
-        for j in clut.tolist():
-            c = others[int(torch.randint(len(others), (1,), generator=g))]
-            gl = GLYPHS[int(torch.randint(N_GLYPHS, (1,), generator=g))]
-            pixels[i, j] = pixels[i, j] + gl[:, :, None] * COLOURS[c]
-        glyph_ids = torch.randint(N_GLYPHS, (k,), generator=g)
-        for j, gi in zip(rel.tolist(), glyph_ids.tolist()):
-            pixels[i, j] = pixels[i, j] + GLYPHS[gi][:, :, None] * COLOURS[target]
-        relevant[i, rel] = True
-        text[i] = torch.tensor([BOS, FIND if lv == 0 else COUNT, COLOUR0 + target, ANS])
-        answer[i] = DIGIT0 + (int(glyph_ids[0]) if lv == 0 else k)
+    target = torch.randint(len(COLOURS), (n,), generator=g)
+    lo = torch.tensor([1, COUNTS[1][0], COUNTS[2][0]])[level]
+    hi = torch.tensor([1, COUNTS[1][1], COUNTS[2][1]])[level]
+    k = lo + (torch.rand(n, generator=g) * (hi - lo + 1)).long().clamp(max=hi - lo)
+    # rank[i, p]: position of patch p in a random permutation; the first k are relevant,
+    # the next n_clutter carry distractor glyphs in another colour
+    rank = torch.rand(n, P, generator=g).argsort(1).argsort(1)
+    relevant = rank < k[:, None]
+    glyphed = rank < (k + n_clutter)[:, None]
+    other = (target[:, None] + 1 + torch.randint(len(COLOURS) - 1, (n, P), generator=g)) % len(
+        COLOURS)
+    colour = torch.where(relevant, target[:, None], other)
+    glyph = torch.randint(N_GLYPHS, (n, P), generator=g)
+    noise = 0.15 * torch.rand(n, P, 4, 4, 3, generator=g)
+    drawn = GLYPHS[glyph][..., None] * COLOURS[colour][:, :, None, None, :]
+    pixels = noise + glyphed[:, :, None, None, None] * drawn
+    first = (rank == 0).float().argmax(1)           # the relevant patch of a find question
+    found = glyph.gather(1, first[:, None])[:, 0]
+    answer = DIGIT0 + torch.where(level == 0, found, k)
+    text = torch.stack([torch.full_like(level, BOS), torch.where(level == 0, FIND, COUNT),
+                        COLOUR0 + target, torch.full_like(level, ANS)], 1)
     return Batch(pixels.reshape(n, P, PATCH), text, answer, level, relevant)
