@@ -1,4 +1,5 @@
 """The synthetic VQA task and the toy VLM (issue 5 groundwork)."""
+import pytest
 import torch
 
 from zipvl_compile import ZipVLCache
@@ -16,6 +17,12 @@ def test_answers_follow_from_the_relevant_patches():
         # up to the background noise (< 0.15): find them from the pixels alone
         on = ((patches - target).abs() < 0.151).all(-1).any(-1).any(-1)
         assert torch.equal(on, b.relevant[i])
+        # the vision objective's labels: target-coloured patches are the relevant ones, and a
+        # patch has a glyph label exactly when some pixel stands out of the noise
+        assert torch.equal(b.patch_colour[i] == int(b.text[i, 2]) - task.COLOUR0, b.relevant[i])
+        shows = (patches > 0.151).any(-1).any(-1).any(-1)
+        assert torch.equal(b.patch_glyph[i] < task.N_GLYPHS, shows)
+        assert torch.equal(b.patch_colour[i] < len(task.COLOURS), shows)
         k = int(b.relevant[i].sum())
         if b.level[i] == 0:
             assert k == 1 and int(b.text[i, 1]) == task.FIND
@@ -45,3 +52,16 @@ def test_answering_through_the_cache_matches_the_training_forward():
     cached = model.answer(b.pixels, b.text,
                           ZipVLCache(high_bits=16, low_bits=16, group_size=4, residual_length=4))
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+
+
+def test_training_stages_are_parsed_and_validated():
+    import argparse
+
+    from zipvl_compile.toyvlm.train import parse_stage
+
+    assert parse_stage("4:1500:0") == (4, 1500, (0,))
+    assert parse_stage("24:2000") == (24, 2000, (0, 1, 2))
+    assert parse_stage("8:10:0012") == (8, 10, (0, 0, 1, 2))
+    for bad in ("4", "1:10", "4:0", "4:10:3", "4:10:0:1", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="stage"):
+            parse_stage(bad)

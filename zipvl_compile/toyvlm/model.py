@@ -44,6 +44,8 @@ class ToyVLM(nn.Module):
         c = config
         self.patch_encoder = nn.Sequential(nn.Linear(task.PATCH, c.vision_dim), nn.GELU(),
                                            nn.Linear(c.vision_dim, c.vision_dim))
+        # what a patch shows (glyph or none, colour or none): the vision pre-training head
+        self.patch_head = nn.Linear(c.vision_dim, task.N_GLYPHS + 1 + len(task.COLOURS) + 1)
         self.projector = nn.Sequential(nn.Linear(c.vision_dim, c.hidden), nn.GELU(),
                                        nn.Linear(c.hidden, c.hidden))
         lm = LlamaConfig(vocab_size=task.VOCAB, hidden_size=c.hidden,
@@ -59,6 +61,13 @@ class ToyVLM(nn.Module):
         """pixels [B, P, PATCH], text [B, T] -> input embeddings [B, P + T, hidden]."""
         vis = self.projector(self.patch_encoder(pixels))
         return torch.cat([vis, self.language_model.embed_tokens(text)], dim=1)
+
+    def patch_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision pre-training objective (LLaVA starts from a pre-trained encoder; this one learns
+        to see alongside): logits of each patch's glyph [B, P, N_GLYPHS + 1] and colour
+        [B, P, len(COLOURS) + 1] (last class: none)."""
+        out = self.patch_head(self.patch_encoder(pixels))
+        return out[..., :task.N_GLYPHS + 1], out[..., task.N_GLYPHS + 1:]
 
     def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Training: logits [B, 2, VOCAB] at the colour token (predicts ANS) and at ANS

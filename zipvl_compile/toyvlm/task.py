@@ -24,6 +24,7 @@ PATCH = 4 * 4 * 3
 N_GLYPHS = 10
 COLOURS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0], [1.0, 1.0, 0.1],
                         [1.0, 0.1, 1.0], [0.1, 1.0, 1.0]])
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
 # vocabulary
 PAD, BOS, ANS = 0, 1, 2
 FIND, COUNT = 3, 4
@@ -51,13 +52,17 @@ GLYPHS = glyphs()
 @dataclass
 class Batch:
     """pixels [B, P, PATCH]; text [B, 4] (BOS, QTYPE, COLOUR, ANS); answer [B] token ids;
-    level [B]; relevant [B, P] bool (patches the answer depends on)."""
+    level [B]; relevant [B, P] bool (patches the answer depends on); patch_glyph, patch_colour
+    [B, P] int64: what each patch shows (``N_GLYPHS`` / ``len(COLOURS)`` = nothing: the labels of
+    the vision encoder's pre-training objective)."""
 
     pixels: torch.Tensor
     text: torch.Tensor
     answer: torch.Tensor
     level: torch.Tensor
     relevant: torch.Tensor
+    patch_glyph: torch.Tensor
+    patch_colour: torch.Tensor
 
 
 def sample(n: int, grid: int, seed: int, levels=(0, 1, 2), clutter: float = 0.3) -> Batch:
@@ -88,4 +93,5 @@ def sample(n: int, grid: int, seed: int, levels=(0, 1, 2), clutter: float = 0.3)
     answer = DIGIT0 + torch.where(level == 0, found, k)
     text = torch.stack([torch.full_like(level, BOS), torch.where(level == 0, FIND, COUNT),
                         COLOUR0 + target, torch.full_like(level, ANS)], 1)
-    return Batch(pixels.reshape(n, P, PATCH), text, answer, level, relevant)
+    return Batch(pixels.reshape(n, P, PATCH), text, answer, level, relevant,
+                 torch.where(glyphed, glyph, N_GLYPHS), torch.where(glyphed, colour, len(COLOURS)))

@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vision-loss", type=float, default=1.0,
+                    help="weight of the patch encoder's glyph/colour objective (0: off)")
     ap.add_argument("--eval-n", type=int, default=512)
     ap.add_argument("--save-stages", action="store_true",
                     help="also evaluate and save the model after every stage (OUT.gGRID.sN)")
@@ -90,6 +92,11 @@ def main():
         logits = model(b.pixels.to(args.device), b.text.to(args.device))
         target = torch.stack([torch.full_like(b.answer, task.ANS), b.answer], 1).to(args.device)
         loss = F.cross_entropy(logits.reshape(-1, task.VOCAB), target.reshape(-1))
+        if args.vision_loss:
+            glyph, colour = model.patch_logits(b.pixels.to(args.device))
+            loss = loss + args.vision_loss * (
+                F.cross_entropy(glyph.flatten(0, 1), b.patch_glyph.to(args.device).flatten())
+                + F.cross_entropy(colour.flatten(0, 1), b.patch_colour.to(args.device).flatten()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,7 +128,7 @@ def save(model, args, path, grid, after_stage):
                 eval=json.dumps(dict(n=args.eval_n, seed=EVAL_SEED, grid=grid)),
                 command=f"python -m zipvl_compile.toyvlm.train --stages {text} "
                         f"--batch {args.batch} --lr {args.lr} --warmup {args.warmup} "
-                        f"--seed {args.seed}", after_stage=str(after_stage))
+                        f"--vision-loss {args.vision_loss} --seed {args.seed}", after_stage=str(after_stage))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               path, metadata=meta)
     print("saved", path, flush=True)
