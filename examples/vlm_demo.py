@@ -1,22 +1,57 @@
-"""Demo: ZipVL sparse prefill on tiny random-weight Qwen2-VL and LLaVA models (no downloads).
+"""Demo: ZipVL on the shipped toy VLM (no downloads), and on random-weight transformers VLMs.
 
-    python examples/vlm_demo.py
+    python examples/vlm_demo.py                  # the toy VLM (default)
+    python examples/vlm_demo.py --transformers   # also tiny random-weight Qwen2-VL and LLaVA
 
-For each model: greedy generate() eagerly, then with the zipvl backend at tau=1.0 (must give the
-same tokens) and at a forced kept ratio of 0.5 (random weights have no real attention sparsity,
-so the adaptive budget keeps almost everything; the ratio shows the sparse path at work), and the
-per-layer statistics table.  Then, on the ratio-0.5 model, the mixed-precision KV cache
-(``ZipVLCache``, 4-bit for the tokens each layer kept, 2-bit for the others; small groups for
-these tiny prompts): its tokens, its memory, and the fused decode attention in the table.
-Expect about a minute of compilation per model on a laptop CPU.
+The toy VLM (``zipvl_compile/toyvlm``: patch encoder + projector + a transformers Llama decoder,
+trained in this repo) answers generated questions about 24 x 24-patch images (576 visual
+tokens): *find* the glyph of the one patch of a colour (easy), *count* the patches of a colour
+(2-4 medium, 5-9 hard).  It answers them dense, with the zipvl backend (adaptive budget,
+tau=0.975), and with the zipvl backend plus the mixed-precision KV cache (4-bit kept tokens,
+2-bit others), and prints accuracy, per-layer kept ratios and the cache's memory.  Expect a few
+minutes of compilation on a laptop CPU.  ``python -m zipvl_compile.eval`` is the full harness.
 """
+import argparse
+
 import torch
 
 import zipvl_compile
-from zipvl_compile import tiny_models as models
+from zipvl_compile import eval as harness
+from zipvl_compile.toyvlm import task
+
+PROBES = dict(recent_probes=8, random_probes=32, keep_recent=4)  # scaled to ~580 tokens
 
 
-def main():
+def toy_vlm(n: int):
+    model, meta = harness.load_toyvlm()
+    grid = model.config.grid
+    hard = task.sample(n, grid, harness.EVAL_SEED + 2, levels=(2,))  # what evaluate() draws
+    colour = task.COLOUR_NAMES[int(hard.text[0, 2]) - task.COLOUR0]
+    print(f"=== toy VLM: {grid}x{grid} patches ({grid * grid} visual tokens), "
+          f"{n} held-out questions per level")
+    print(f"trained with: {meta['command']}\n")
+    settings = [harness.Setting("dense"),
+                harness.Setting("zipvl tau=0.975", dict(tau=0.975, **PROBES)),
+                harness.Setting("zipvl tau=0.975 + ZipVLCache 4/2", dict(tau=0.975, **PROBES),
+                                (4, 2))]
+    results = []
+    with torch.no_grad():
+        for s in settings:
+            results += harness.evaluate(model, s, n=n, batch=n, grid=grid,
+                                        cache_sizes=dict(group_size=32, residual_length=16))
+    answers = ", ".join(f"{r.setting}: {r.predicted[0] - task.DIGIT0}" for r in results
+                        if r.level == "hard")
+    print(f"first hard question: how many {colour} patches?  "
+          f"truth {int(hard.answer[0]) - task.DIGIT0}; {answers}")
+    print("\naccuracy, mean kept ratio, KV = bytes the cache holds / a 16-bit cache of the same "
+          "tokens\n" + harness.table(results))
+    print("\nkept ratio per layer")
+    print(harness.layer_table(results))
+
+
+def transformers_models():
+    from zipvl_compile import tiny_models as models
+
     for name, build in (("Qwen2-VL", models.qwen2_vl), ("LLaVA", models.llava)):
         print(f"\n=== {name} (random weights, {build()[1]['input_ids'].shape[1]} prompt tokens)")
         for label, fields in (("tau=1.0", dict(tau=1.0)), ("ratio=0.5", dict(ratio=0.5,
@@ -28,9 +63,9 @@ def main():
                 zipvl_compile.compile_language_model(model, **fields)
                 sparse = model.generate(**inputs, max_new_tokens=8, do_sample=False)
             n = inputs["input_ids"].shape[1]
-            same = torch.equal(dense, sparse)
             print(f"\n[{label}] dense tokens  {dense[0, n:].tolist()}\n"
-                  f"[{label}] zipvl tokens  {sparse[0, n:].tolist()}  (identical: {same})")
+                  f"[{label}] zipvl tokens  {sparse[0, n:].tolist()}  "
+                  f"(identical: {torch.equal(dense, sparse)})")
             print(zipvl_compile.format_stats())
         with torch.no_grad():
             zipvl_compile.reset_stats()
@@ -39,10 +74,21 @@ def main():
             mixed = model.generate(**inputs, max_new_tokens=8, do_sample=False,
                                    past_key_values=cache)
         print(f"\n[ratio=0.5 + ZipVLCache 4/2] tokens {mixed[0, n:].tolist()}; cache holds "
-              f"{cache.memory_bytes()} bytes ({model.dtype} model; on a prompt this short the "
-              f"group padding and the residual window dominate); a 16-bit cache of the same "
-              f"tokens: {cache.dense_bytes()} bytes")
+              f"{cache.memory_bytes()} bytes; a 16-bit cache of the same tokens: "
+              f"{cache.dense_bytes()} bytes (on a prompt this short the group padding and the "
+              f"residual window dominate)")
         print(zipvl_compile.format_stats())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=32, help="questions per difficulty level")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also run tiny random-weight Qwen2-VL and LLaVA through generate()")
+    args = ap.parse_args()
+    toy_vlm(args.n)
+    if args.transformers:
+        transformers_models()
 
 
 if __name__ == "__main__":

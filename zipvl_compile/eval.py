@@ -1,0 +1,267 @@
+"""Accuracy harness: dense vs ZipVL (adaptive, fixed ratio) vs ZipVLCache bit settings.
+
+    python -m zipvl_compile.eval                       # the shipped toy VLM, held-out data
+    python -m zipvl_compile.eval --weights my.safetensors --n 512 --plot acc.png
+
+Settings (each evaluated per difficulty level of ``toyvlm.task``):
+
+- ``dense``: the model as is (eager, ``DynamicCache``).
+- ``zipvl tau=T``: the zipvl backend with the adaptive budget at each ``--taus`` value.
+- ``fixed ratio R``: the same backend with ``ratio=R``, R = the mean kept ratio (over levels) of
+  the adaptive run just before it: the paper's comparison with a fixed budget.
+- ``zipvl tau=0.975 + cache H/L``: adaptive prefill handing its selection to a ``ZipVLCache``
+  with ``H``-bit important and ``L``-bit other tokens (``--caches``).
+
+Probe counts and the cache's group/residual sizes are scaled to the toy prompt length (a few
+hundred tokens instead of tens of thousands); the defaults are printed with the table.
+``inductor=False`` (``--no-inductor``) applies the same passes but runs the rewritten graphs
+eagerly: identical decisions, no compile time (what the CI test uses).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import compile_language_model, reset_stats, stats
+from .toyvlm import task
+
+SHIPPED = Path(__file__).parent / "toyvlm" / "toyvlm.safetensors"
+EVAL_SEED = 10 ** 9  # held-out seeds: the training stream never reaches them
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated configuration: ``backend`` None = dense eager; ``cache`` (high, low) bits
+    or None = ``DynamicCache``."""
+
+    name: str
+    backend: dict | None = None
+    cache: tuple[int, int] | None = None
+
+
+@dataclass
+class Result:
+    """Accuracy of one setting on one level.  ``kept`` [layers]: mean kept ratio of each layer's
+    prefill (empty for dense); ``kv_fraction``: bytes the KV cache held / its 16-bit size;
+    ``predicted`` [n]: the answer token of every sample."""
+
+    setting: str
+    level: str
+    n: int
+    correct: int = 0
+    kept: list[float] = field(default_factory=list)
+    kv_fraction: float = 1.0
+    predicted: list[int] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.n, 1)
+
+    @property
+    def mean_kept(self) -> float:
+        return sum(self.kept) / len(self.kept) if self.kept else 1.0
+
+
+def load_toyvlm(path: str | Path | None = None):
+    """The toy VLM from a safetensors file written by ``toyvlm.train`` (default: shipped).
+    Returns (model in eval mode, metadata dict)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .toyvlm.model import ToyVLM, ToyVLMConfig
+
+    path = Path(path) if path is not None else SHIPPED
+    if not path.is_file():
+        raise FileNotFoundError(f"no toy VLM weights at {path} (train them with "
+                                f"python -m zipvl_compile.toyvlm.train --out {path})")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    model = ToyVLM(ToyVLMConfig(**json.loads(meta["config"])))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), meta
+
+
+def _make_cache(setting: Setting, cache_sizes: dict):
+    if setting.cache is None:
+        from transformers import DynamicCache
+        return DynamicCache()
+    from .cache import ZipVLCache
+    high, low = setting.cache
+    return ZipVLCache(high_bits=high, low_bits=low, **cache_sizes)
+
+
+def evaluate(model, setting: Setting, *, n: int, batch: int, grid: int, seed: int = EVAL_SEED,
+             cache_sizes: dict | None = None, inductor: bool = True, progress=None) -> list[Result]:
+    """Accuracy per level of ``setting`` on ``n`` held-out samples per level (``grid`` x
+    ``grid`` patches).  Compiles the language model for the setting (and undoes it after)."""
+    cache_sizes = cache_sizes or {}
+    lm = model.language_model
+    torch._dynamo.reset()
+    if setting.backend is not None:
+        compile_language_model(model, inductor=inductor, **setting.backend)
+    results = []
+    try:
+        for lv, level in enumerate(task.LEVELS):
+            res = Result(setting.name, level, n)
+            sums: dict[str, list[float]] = {}
+            held = dense = 0
+            samples = task.sample(n, grid, seed + lv, levels=(lv,))
+            for i in range(0, n, batch):
+                reset_stats()
+                cache = _make_cache(setting, cache_sizes)
+                logits = model.answer(samples.pixels[i:i + batch], samples.text[i:i + batch],
+                                      cache)
+                predicted = logits.argmax(-1)
+                res.correct += int((predicted == samples.answer[i:i + batch]).sum())
+                res.predicted += predicted.tolist()
+                for r in stats():
+                    if r.phase == "prefill" and r.kept_ratio is not None:
+                        sums.setdefault(r.site, []).append(r.kept_ratio)
+                if setting.cache is not None:
+                    held, dense = held + cache.memory_bytes(), dense + cache.dense_bytes()
+                if progress is not None:
+                    progress.update(1)
+            res.kept = [sum(v) / len(v) for v in sums.values()]
+            res.kv_fraction = held / dense if dense else 1.0
+            results.append(res)
+    finally:
+        lm._compiled_call_impl = None  # back to eager for the next setting
+    return results
+
+
+def run(model, *, taus, caches, n, batch, grid, probes, cache_sizes, inductor=True,
+        progress=True) -> list[Result]:
+    """Every setting of the module docstring; fixed-ratio settings follow their adaptive run."""
+    per_setting = len(task.LEVELS) * -(-n // batch)
+    total = per_setting * (1 + 2 * len(taus) + len(caches))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="batch", desc="zipvl eval")
+    kw = dict(n=n, batch=batch, grid=grid, cache_sizes=cache_sizes, inductor=inductor,
+              progress=bar)
+    results = evaluate(model, Setting("dense"), **kw)
+    for tau in taus:
+        adaptive = evaluate(model, Setting(f"zipvl tau={tau}", dict(tau=tau, **probes)), **kw)
+        mean = sum(r.mean_kept for r in adaptive) / len(adaptive)
+        results += adaptive
+        results += evaluate(model, Setting(f"fixed ratio {mean:.3f}",
+                                           dict(ratio=round(mean, 6), **probes)), **kw)
+    for high, low in caches:
+        results += evaluate(model, Setting(f"zipvl tau=0.975 + cache {high}/{low}",
+                                           dict(tau=0.975, **probes), (high, low)), **kw)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def table(results: list[Result]) -> str:
+    """Accuracy, mean kept ratio and KV-cache fraction per setting (rows) and level."""
+    from tabulate import tabulate
+
+    names = list(dict.fromkeys(r.setting for r in results))
+    by = {(r.setting, r.level): r for r in results}
+    rows = []
+    for name in names:
+        row = [name]
+        for level in task.LEVELS:
+            r = by[(name, level)]
+            row += [f"{100 * r.accuracy:.1f}", f"{r.mean_kept:.3f}", f"{100 * r.kv_fraction:.0f}%"]
+        rows.append(row)
+    headers = ["setting"] + [f"{lv} {what}" for lv in task.LEVELS
+                             for what in ("acc %", "kept", "KV")]
+    return tabulate(rows, headers=headers)
+
+
+def layer_table(results: list[Result]) -> str:
+    """Kept ratio of every layer for the sparse settings, per level."""
+    from tabulate import tabulate
+
+    rows = [[r.setting, r.level] + [f"{k:.3f}" for k in r.kept] for r in results if r.kept]
+    layers = max((len(r.kept) for r in results), default=0)
+    return tabulate(rows, headers=["setting", "level"] + [f"L{i}" for i in range(layers)])
+
+
+def plot(results: list[Result], path: str) -> None:
+    """PNG: kept ratio per layer (adaptive runs, per level) and accuracy vs mean kept ratio
+    (adaptive vs fixed ratio, per level)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        if r.kept and r.setting.startswith("zipvl tau") and "cache" not in r.setting:
+            left.plot(range(len(r.kept)), r.kept, marker="o", label=f"{r.setting} {r.level}")
+    left.set(xlabel="layer", ylabel="kept ratio", title="kept ratio per layer", ylim=(0, 1.05))
+    left.legend(fontsize=7)
+    for kind, marker in (("zipvl tau", "o"), ("fixed ratio", "x")):
+        for level in task.LEVELS:
+            pts = sorted((r.mean_kept, r.accuracy) for r in results
+                         if r.setting.startswith(kind) and "cache" not in r.setting
+                         and r.level == level)
+            if pts:
+                right.plot(*zip(*pts), marker=marker, label=f"{kind} {level}")
+    for r in results:
+        if r.setting == "dense":
+            right.axhline(r.accuracy, linestyle=":", linewidth=0.8, color="gray")
+    right.set(xlabel="mean kept ratio", ylabel="accuracy", title="accuracy vs kept ratio "
+              "(dotted: dense)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=None, help="toy VLM safetensors (default: shipped)")
+    ap.add_argument("--n", type=int, default=256, help="held-out samples per level")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--grid", type=int, default=None, help="image grid (default: the model's)")
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.95, 0.975, 0.99])
+    ap.add_argument("--caches", nargs="*", default=["8/4", "4/2", "4/0"],
+                    help="ZipVLCache HIGH/LOW bit settings")
+    ap.add_argument("--recent-probes", type=int, default=8)
+    ap.add_argument("--random-probes", type=int, default=32)
+    ap.add_argument("--keep-recent", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--residual-length", type=int, default=16)
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="apply the passes but run the graphs eagerly (fast, same decisions)")
+    ap.add_argument("--plot", default=None, help="write the PNG plot here")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    model, meta = load_toyvlm(args.weights)
+    grid = args.grid or model.config.grid
+    caches = [tuple(int(b) for b in c.split("/")) for c in args.caches]
+    probes = dict(recent_probes=args.recent_probes, random_probes=args.random_probes,
+                  keep_recent=args.keep_recent)
+    sizes = dict(group_size=args.group_size, residual_length=args.residual_length)
+    with torch.no_grad():
+        results = run(model, taus=args.taus, caches=caches, n=args.n, batch=args.batch,
+                      grid=grid, probes=probes, cache_sizes=sizes,
+                      inductor=not args.no_inductor, progress=not args.no_progress)
+    print(f"\nmodel: {args.weights or SHIPPED}  ({grid}x{grid} patches = {grid * grid} visual "
+          f"tokens; {args.n} held-out samples per level; recorded dense accuracy "
+          f"{meta.get('accuracy', '?')})\nprobes {probes}; cache {sizes}")
+    print(table(results))
+    print("\nkept ratio per layer")
+    print(layer_table(results))
+    if args.plot:
+        plot(results, args.plot)
+        print("plot:", args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(vars(r), accuracy=r.accuracy) for r in results], f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
