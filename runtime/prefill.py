@@ -48,8 +48,8 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
     if stop_after is not None:
         stats.update(site, n if isinstance(n, int) else None, [], [], path="dense",
                      reason=f"measurement: selection stops after {stop_after!r}")
-        kind = mask_summary[1] if attn_mask is not None else None
-        return torch.ops.zipvl.dense_after(q, k, v, attn_mask, kind, sel, scale)
+        valid, kind = mask_summary if attn_mask is not None else (None, None)
+        return torch.ops.zipvl.dense_after(q, k, v, attn_mask, kind, valid, sel, scale)
     if kernel == "flex":
         budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site,
                                                 cache_token, cache_layer, cache_k, cache_v)

@@ -72,6 +72,17 @@ def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _dense_attention(q, k, v, mask4, scale):
+    """Exact dense attention [B, H, n, dv], stored [B, n, H, dv]: mask-free causal (cuDNN first
+    on CUDA) when ``mask4`` is None, else with the [B, 1, n, n] mask as given."""
+    H = q.shape[1]
+    with _causal_backends(q.device) if mask4 is None else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
+                                             attn_mask=mask4, is_causal=mask4 is None,
+                                             scale=scale)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _within_budget(m: int, budget: torch.Tensor) -> torch.Tensor:
     """[B, m] bool: compacted slot r holds a kept token (r < budget[b]).  Slots past a shorter
     budget hold dropped tokens, appended so that one call serves the whole batch."""
@@ -128,9 +139,7 @@ def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kind == masks.NONCAUSAL:
         stats.update(site, n, [], valid, path="dense",
                      reason="non-causal mask at run time (bidirectional spans or an encoder)")
-        out = F.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
-                                             attn_mask=mask4, scale=scale)
-        return out.transpose(1, 2).contiguous().transpose(1, 2)
+        return _dense_attention(q, k, v, mask4, scale)
     stats.update(site, n, budgets, valid, reason="" if kind == masks.STANDARD else
                  "mask is causal but not plain (window or bias): gathered mask, no causal kernel")
     m = max(budgets)
@@ -167,23 +176,19 @@ def _(q, k, v, kept_idx, budget, n_valid, attn_mask, mask_kind, scale, sparse_qu
 @torch.library.custom_op("zipvl::dense_after", mutates_args=())
 def dense_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: Optional[torch.Tensor], mask_kind: Optional[torch.Tensor],
-                after: torch.Tensor, scale: float) -> torch.Tensor:
+                valid: Optional[torch.Tensor], after: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact dense attention, run after ``after`` (a selection stage's output, unused: the data
-    dependency keeps that stage in the graph; ``ZipVLConfig.stop_after``).  Plain causal masks
-    without padding (STANDARD, every token valid) take the mask-free causal kernel, as the sparse
-    path does."""
+    dependency keeps that stage in the graph; ``ZipVLConfig.stop_after``).  ``mask_kind`` and
+    ``valid`` [B, n] are the mask's summary (None without a mask): plain causal masks without
+    padding (STANDARD, every token valid) take the mask-free causal kernel, as the sparse path
+    does."""
     B, H, n, _ = q.shape
-    plain = attn_mask is None or (int(mask_kind) == masks.STANDARD and bool(
-        masks.valid_tokens(masks.as_4d(attn_mask, B, n)).all()))
-    with _causal_backends(q.device) if plain else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(
-            q, _repeat_kv(k, H), _repeat_kv(v, H), scale=scale, is_causal=plain,
-            attn_mask=None if plain else masks.as_4d(attn_mask, B, n))
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
+    plain = attn_mask is None or (int(mask_kind) == masks.STANDARD and bool(valid.all()))
+    return _dense_attention(q, k, v, None if plain else masks.as_4d(attn_mask, B, n), scale)
 
 
 @dense_after.register_fake
-def _(q, k, v, attn_mask, mask_kind, after, scale):
+def _(q, k, v, attn_mask, mask_kind, valid, after, scale):
     B, H, n, _ = q.shape
     return q.new_empty(B, n, H, v.shape[-1]).transpose(1, 2)
 

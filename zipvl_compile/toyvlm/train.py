@@ -17,6 +17,7 @@ linear warm-up and cosine decay over all stages.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -85,9 +86,8 @@ def main():
     total = len(schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / args.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * i / total)))
-    stage_ends = {}
-    for i, (g, s, lv) in enumerate(args.stages):
-        stage_ends[sum(st for _, st, _ in args.stages[:i + 1]) - 1] = (i, g)
+    ends = itertools.accumulate(steps for _, steps, _ in args.stages)
+    stage_ends = {end - 1: (i, g) for i, ((g, _, _), end) in enumerate(zip(args.stages, ends))}
     t0 = time.time()
     for step, (grid, levels) in enumerate(schedule):
         b = task.sample(args.batch, grid, args.seed * 1_000_003 + step, levels=levels)
