@@ -137,8 +137,8 @@ def ttft(shape, contexts, reps, variants, skip=(), profile=False):
                 rows.append(dict(shape=shape, context=n, variant=name, ttft_s=None,
                                  peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(rows[-1], flush=True)
-        if how == "zipvl":  # undo compile_language_model's in-place compile
-            lm._compiled_call_impl = None
+        if how == "zipvl":
+            zipvl_compile.helpers.uncompile_language_model(model)
     return rows
 
 

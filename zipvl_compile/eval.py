@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import compile_language_model, reset_stats, stats
+from .helpers import uncompile_language_model
 from .toyvlm import task
 
 SHIPPED = Path(__file__).parent / "toyvlm" / "toyvlm.safetensors"
@@ -99,7 +100,6 @@ def evaluate(model, setting: Setting, *, n: int, batch: int, grid: int, seed: in
     """Accuracy per level of ``setting`` on ``n`` held-out samples per level (``grid`` x
     ``grid`` patches).  Compiles the language model for the setting (and undoes it after)."""
     cache_sizes = cache_sizes or {}
-    lm = model.language_model
     torch._dynamo.reset()
     if setting.backend is not None:
         compile_language_model(model, inductor=inductor, **setting.backend)
@@ -129,7 +129,7 @@ def evaluate(model, setting: Setting, *, n: int, batch: int, grid: int, seed: in
             res.kv_fraction = held / dense if dense else 1.0
             results.append(res)
     finally:
-        lm._compiled_call_impl = None  # back to eager for the next setting
+        uncompile_language_model(model)  # back to eager for the next setting
     return results
 
 

@@ -58,3 +58,9 @@ def compile_language_model(model: torch.nn.Module, config: ZipVLConfig | None = 
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     find_language_model(model).compile(**kwargs)
     return zipvl
+
+
+def uncompile_language_model(model: torch.nn.Module) -> None:
+    """Undo ``compile_language_model``: the language model runs eagerly again (its compiled
+    graphs stay in Dynamo's cache until ``torch._dynamo.reset()``)."""
+    find_language_model(model)._compiled_call_impl = None
