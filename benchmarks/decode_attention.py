@@ -116,15 +116,15 @@ def sweep(n, batches):
         v = torch.randn_like(k)
         cache = mixed_cache(k, v, 4, 2, gen)
         read = nbytes(cache)
-        for pps, stages, warps, block in itertools.product((4, 16), (2, 3), (1, 2, 4),
-                                                          (32, 64, 128)):
-            td.PROGRAMS_PER_SM, td.NUM_STAGES, td.NUM_WARPS, td.BLOCK_N = (pps, stages, warps,
-                                                                           block)
+        for magic, pps, warps, block, min_tiles in itertools.product(
+                (True, False), (4, 16), (4, 8), (64, 128), (1, 4)):
+            (td.USE_MAGIC, td.PROGRAMS_PER_SM, td.NUM_WARPS, td.BLOCK_N,
+             td.MIN_TILES) = magic, pps, warps, block, min_tiles
             t = gpu_time(lambda: torch.ops.zipvl.decode_attention(q, None, D ** -0.5, *cache))
-            rows.append([B, pps, stages, warps, block, f"{t * 1e6:.1f}",
+            rows.append([B, magic, pps, warps, block, min_tiles, f"{t * 1e6:.1f}",
                          f"{read / t / 1e12:.2f}"])
-    print(tabulate(rows, headers=["batch", "programs/SM", "stages", "warps", "block", "us",
-                                  "TB/s"]))
+    print(tabulate(rows, headers=["batch", "int-op codes", "programs/SM", "warps", "block",
+                                  "min tiles", "us", "TB/s"]))
 
 
 def main():

@@ -14,9 +14,11 @@ kept ratio 0.45 and 0.3; median of ``--reps`` runs after a warm-up (compilation)
 memory of the timed runs.
 
 Decode: the cache is built directly (random K/V of the context length, a random half of the
-prompt important for ZipVLCache), then ``--steps`` greedy decode steps of the compiled language
-model (zipvl backend: dense decode attention for DynamicCache, the fused kernel for ZipVLCache);
-tokens/s = batch * steps / time, peak GPU memory and cache bytes.
+prompt important for ZipVLCache), then greedy decode steps of the compiled language model
+(zipvl backend: dense decode attention for DynamicCache, the fused kernel for ZipVLCache):
+warm-up steps until one compiles no new graph, then ``--steps`` timed steps; tokens/s = batch /
+median step time; peak GPU memory, cache bytes, graphs compiled so far and during the timed
+steps.
 """
 from __future__ import annotations
 
@@ -202,7 +204,16 @@ def zipvl_cache(cfg, B, n, gen, high_bits, low_bits):
     return cache
 
 
-def decode(shape, contexts, batches, steps):
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled so far in this process (first compiles and recompiles)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+CACHES = ("DynamicCache bf16", "ZipVLCache 4/2", "ZipVLCache 4/0")
+
+
+def decode(shape, contexts, batches, steps, caches=CACHES):
     model = build(shape)
     cfg = model.config
     zipvl_compile.compile_language_model(model)
@@ -210,7 +221,7 @@ def decode(shape, contexts, batches, steps):
     gen = torch.Generator(device="cuda").manual_seed(0)
     for B in batches:
         for n in contexts:
-            for name in ("DynamicCache bf16", "ZipVLCache 4/2", "ZipVLCache 4/0"):
+            for name in caches:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
@@ -230,18 +241,31 @@ def decode(shape, contexts, batches, steps):
                                         logits_to_keep=1)
                         return out.logits.argmax(-1)
 
-                    for s in range(3):  # warm-up: compiles (split-free steady graphs)
-                        ids = step(n + s)
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for s in range(steps):
-                        ids = step(n + 3 + s)
-                    torch.cuda.synchronize()
-                    dt = time.perf_counter() - t0
+                    # warm-up until a step compiles nothing new (the first decode steps
+                    # compile, the next recompile with a dynamic length), then time each step
+                    pos = n
+                    for _ in range(8):
+                        before = compiled_graphs()
+                        ids = step(pos)
+                        pos += 1
+                        if compiled_graphs() == before:
+                            break
+                    graphs_before = compiled_graphs()
+                    times = []
+                    for _ in range(steps):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        ids = step(pos)
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                        pos += 1
+                    dt = statistics.median(times)
                     rows.append(dict(shape=shape, batch=B, context=n, cache=name,
-                                     tokens_per_s=B * steps / dt, ms_per_step=1e3 * dt / steps,
+                                     tokens_per_s=B / dt, ms_per_step=1e3 * dt,
                                      cache_gib=cache_bytes / 2**30,
-                                     peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+                                     peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                                     compiled_graphs=compiled_graphs(),
+                                     compiles_while_timed=compiled_graphs() - graphs_before))
                 except torch.cuda.OutOfMemoryError:
                     rows.append(dict(shape=shape, batch=B, context=n, cache=name,
                                      tokens_per_s=None, ms_per_step=None, cache_gib=None,
@@ -263,6 +287,8 @@ def main():
                     help="skip TTFT variants whose name contains one of these words")
     ap.add_argument("--profile", action="store_true",
                     help="ttft/stages: profile the zipvl runs at the largest context")
+    ap.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES,
+                    help="decode: which caches to time")
     ap.add_argument("--json")
     args = ap.parse_args()
     from tabulate import tabulate
@@ -286,18 +312,20 @@ def main():
                        headers=["context", "prefill", "TTFT s", "speedup", "time vs default",
                                 "peak GiB"]))
     else:
-        rows = decode(args.shape, args.contexts, args.batches, args.steps)
+        rows = decode(args.shape, args.contexts, args.batches, args.steps, args.caches)
         base = {(r["batch"], r["context"]): r["tokens_per_s"] for r in rows
                 if r["cache"].startswith("Dynamic")}
+        base = {key: base.get(key) for key in {(r["batch"], r["context"]) for r in rows}}
         print(tabulate([[r["batch"], r["context"], r["cache"],
                          "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
                          "-" if not (r["tokens_per_s"] and base[(r["batch"], r["context"])])
                          else f"{r['tokens_per_s'] / base[(r['batch'], r['context'])]:.2f}x",
                          "-" if r["cache_gib"] is None else f"{r['cache_gib']:.2f}",
-                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
+                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+                         r.get("compiled_graphs", "-"), r.get("compiles_while_timed", "-")]
                         for r in rows],
                        headers=["batch", "context", "KV cache", "tokens/s", "vs bf16",
-                                "cache GiB", "peak GiB"]))
+                                "cache GiB", "peak GiB", "graphs", "compiled while timed"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

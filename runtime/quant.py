@@ -4,7 +4,10 @@ mixed-precision KV cache, issue 3).
 Layout follows KIVI: keys are quantized per channel (a group is ``group_size`` consecutive
 tokens of one channel, so outlier channels get their own range), values per token (a group is
 ``group_size`` consecutive channels of one token).  Codes of ``bits`` in {8, 4, 2} are packed
-``8 // bits`` to a byte along the channel dimension; ``bits=16`` stores the tensor unchanged.
+``8 // bits`` to a byte along the channel dimension in *planes*: with ``w = d * bits // 8`` bytes
+per token, byte ``i`` holds channels ``i, i + w, i + 2w, ...`` at bit offsets ``0, bits,
+2 * bits, ...``.  A kernel then unpacks plane ``j`` (channels ``j*w .. j*w + w - 1``, contiguous)
+with one shift and one mask, no interleaving.  ``bits=16`` stores the tensor unchanged.
 
 Shapes: ``x [..., T, d]``.  Per channel needs ``T % group_size == 0`` (the cache keeps the
 remainder in its full-precision residual window); per token needs ``d % group_size == 0``.
@@ -39,18 +42,19 @@ class Quantized:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., d] with values < 2**bits -> [..., d * bits // 8] bytes (low bits first)."""
+    """uint8 codes [..., d] with values < 2**bits -> [..., d * bits // 8] bytes (planes, see the
+    module docstring)."""
     per_byte = 8 // bits
-    grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
-    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+    planes = codes.view(*codes.shape[:-1], per_byte, codes.shape[-1] // per_byte)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)[:, None]
+    return (planes << shifts).sum(dim=-2, dtype=torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack``: [..., d * bits // 8] bytes -> uint8 codes [..., d]."""
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)[:, None]
+    planes = (packed[..., None, :] >> shifts) & ((1 << bits) - 1)
+    return planes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
 def _grouped(x: torch.Tensor, group_size: int, per_channel: bool) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Grid: one program per (sequence, KV head, chunk of slots) of each segment.  A program loads the
 ``g`` query heads that share its KV head (padded to 16 rows for ``tl.dot``), streams its chunk
-in tiles of ``BLOCK_N`` slots, unpacks and dequantizes each tile in registers (codes, fp16 scale
-and minimum; keys per channel, values per token), and keeps an online softmax.  Its partial
+in tiles of ``BLOCK_N`` slots and keeps an online softmax.  Quantized tiles are read plane by
+plane (``quant``'s packing) and turned into floats with integer ops (``_plane``); scales and
+minima are applied outside the dot products (``_qk_plane``, ``_pv_plane``).  Its partial
 (max, denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials
 of every chunk of every segment.  Nothing of the cached length is materialized in full
 precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
@@ -16,39 +17,104 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64          # slots per tile (less when a key group is smaller)
+# Launch parameters: the best of a sweep on an H100 at 128K, batch 1 and 8 (BENCHMARKS.md).
+BLOCK_N = 128         # slots per tile (less when a key group is smaller)
 QROWS = 16            # query rows per program (tl.dot needs >= 16)
 PROGRAMS_PER_SM = 4   # partial-kernel programs launched per SM (all segments together)
-NUM_STAGES = 3        # software pipelining depth of the tile loop (best of a sweep, H200)
+NUM_STAGES = 3        # software pipelining depth of the tile loop
 NUM_WARPS = 4
+MIN_TILES = 1         # tiles per chunk at least
+USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 
 
 def supported(q: torch.Tensor, segs) -> bool:
-    """Head dim a power of two >= 16, at most 16 query heads per KV head, key groups a
-    multiple of the tile (a tile must lie inside one group)."""
+    """Head dim a power of two >= 16 (>= 64 with 2-bit codes: a plane of a tile must feed
+    ``tl.dot``), values of the same head dim, at most 16 query heads per KV head, key groups a
+    multiple of 16 slots (a tile must lie inside one group)."""
     d = q.shape[-1]
     g = q.shape[1] // segs[0].kd.shape[1]
     return (d >= 16 and d & (d - 1) == 0 and g <= QROWS and q.shape[2] == 1
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and all(s.bits == 16 or (s.group % 16 == 0 and d % s.vgroup == 0) for s in segs))
+            and all(s.bits == 16 and s.vd.shape[-1] == d
+                    or (s.group % 16 == 0 and d % s.vgroup == 0 and d * s.bits // 8 >= 16)
+                    for s in segs))
 
 
-def _tile(seg) -> int:
-    """Slots per tile: BLOCK_N, or less so that a tile lies inside one key group."""
+def _tile(seg, dtype: torch.dtype) -> int:
+    """Slots per tile: BLOCK_N (at most 64 with fp32 queries, whose fp32 operand tiles of 128
+    slots exceed the shared memory), or less so that a tile lies inside one key group."""
+    most = min(BLOCK_N, 64) if dtype == torch.float32 else BLOCK_N
     if seg.bits == 16:
-        return BLOCK_N
-    return next(b for b in (BLOCK_N, 32, 16) if seg.group % b == 0)
+        return most
+    return next(b for b in (128, 64, 32, 16) if b <= most and seg.group % b == 0)
+
+
+def _magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
+    """(bit pattern, value) of the float ``m`` such that the bits ``pattern | code`` are the
+    float ``m + code`` for every code of ``bits`` bits in ``dtype``; (0, 0.0) where none exists
+    (fp32 and 16-bit segments, 8-bit codes in bf16: plain conversion)."""
+    if not USE_MAGIC or bits == 16:
+        return 0, 0.0
+    if dtype == torch.bfloat16 and bits <= 7:
+        return 0x4300, 128.0      # bf16 [128, 256): spacing 1
+    if dtype == torch.float16:
+        return 0x6400, 1024.0     # fp16 [1024, 2048): spacing 1
+    return 0, 0.0
 
 
 @triton.jit
-def _unpack(packed, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    """[BLOCK, D * BITS // 8] bytes -> [BLOCK, D] codes (channel c in byte c // (8 // BITS))."""
-    PER: tl.constexpr = 8 // BITS
-    if PER == 1:
-        return packed
-    shifts = (tl.arange(0, PER) * BITS).to(tl.uint8)
-    codes = (packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (BLOCK, D))
+def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    """a @ b in fp32; operands in DT (exact fp32 products when IEEE)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr,
+           DT: tl.constexpr):
+    """Plane J of packed codes [BLOCK, W] (uint8) as DT [BLOCK, W]: the code, or with MAGIC_BITS
+    the float whose bits are ``MAGIC_BITS | code`` (= magic + code; integer ops only, no
+    int-to-float conversion, which runs at a quarter of the ALU rate)."""
+    code = (packed >> (J * BITS)) & ((1 << BITS) - 1)
+    if MAGIC_BITS:
+        return (code.to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True)
+    return code.to(DT)
+
+
+@triton.jit
+def _qk_plane(q, kp, KS, KL, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+              MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
+              DT: tl.constexpr):
+    """Plane J's share of the scores of q [QR, W] (its channels J*W ..) over a tile of packed
+    keys kp [BLOCK, W]: ``(q * s) . (magic + code)`` [QR, BLOCK] and the per-row term
+    ``q . low - magic * sum(q * s)`` [QR] that turns it into q . k (s, low: the tile's
+    per-channel scale and minimum)."""
+    c = J * W + tl.arange(0, W)
+    kscale = tl.load(KS + g_off + c).to(tl.float32)
+    klow = tl.load(KL + g_off + c).to(tl.float32)
+    qs = (q * kscale[None, :]).to(DT)
+    s = _dot(qs, tl.trans(_plane(kp, J, BITS, MAGIC_BITS, DT)), IEEE, DT)
+    row = tl.sum(q * klow[None, :], axis=1)
+    if MAGIC_BITS:
+        row -= MAGIC * tl.sum(qs.to(tl.float32), axis=1)
+    return s, row
+
+
+@triton.jit
+def _pv_plane(p, pw, vp, VS, VL, t_off, live, J: tl.constexpr, W: tl.constexpr,
+              BITS: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
+              MAGIC_BITS: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
+    """Plane J's share [QR, W] of p @ v over a tile of packed values vp [BLOCK, W].  One scale
+    per token (VGROUP == D): ``pw @ (magic + code)`` with pw = p * scale (the caller adds the
+    per-row terms).  Smaller value groups: dequantize the plane, then ``p @ v``."""
+    if VGROUP == D:
+        return _dot(pw, _plane(vp, J, BITS, MAGIC_BITS, DT), IEEE, DT)
+    gi = (J * W + tl.arange(0, W)) // VGROUP
+    vscale = tl.load(VS + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
+    vlow = tl.load(VL + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
+    v = _plane(vp, J, BITS, 0, tl.float32) * vscale.to(tl.float32) + vlow.to(tl.float32)
+    return _dot(p, v, IEEE, DT)
 
 
 @triton.jit
@@ -58,51 +124,66 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               s_vsb, s_vsh, s_vsp, s_pb, s_bb,
               BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
               QR: tl.constexpr, BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
-              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
+              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC_BITS: tl.constexpr,
+              MAGIC: tl.constexpr, STAGES: tl.constexpr):
     """Partial softmax of one (sequence, KV head, chunk).  Quantized keys are never
     dequantized: with per-channel scale s and minimum z constant over a tile (tiles lie inside
-    one key group), q.k = (q * s).code + q.z.  Values with per-token groups spanning the head
-    (VGROUP == D) likewise: p.v = (p * s_v).code + (p . z_v)."""
+    one key group), q.k = (q * s).code + q.z; values with one scale per token likewise,
+    p.v = (p * s_v).code + p.z_v.  Codes are read plane by plane (``quant`` packs channel
+    ``j * W + i`` into byte i), so a plane is one shift and mask of the bytes and one ``tl.dot``
+    of W channels; the planes' results are never interleaved in registers."""
+    DT: tl.constexpr = Q.dtype.element_ty
+    PER: tl.constexpr = 8 // BITS if BITS < 16 else 1
+    W: tl.constexpr = D // PER  # channels per plane = bytes per token when quantized
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
     rows = tl.arange(0, QR)
-    d = tl.arange(0, D)
+    w = tl.arange(0, W)
     row_ok = rows < n_heads_per_kv
-    q = tl.load(Q + b * s_qb + (hk * n_heads_per_kv + rows)[:, None] * s_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_ptr = Q + b * s_qb + (hk * n_heads_per_kv + rows)[:, None] * s_qh + w[None, :]
+    q0 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if PER > 1:
+        q1 = tl.load(q_ptr + W, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if PER > 2:
+        q2 = tl.load(q_ptr + 2 * W, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q3 = tl.load(q_ptr + 3 * W, mask=row_ok[:, None], other=0.0).to(tl.float32)
     m_i = tl.full([QR], float("-inf"), tl.float32)
     l_i = tl.zeros([QR], tl.float32)
-    acc = tl.zeros([QR, D], tl.float32)
+    acc0 = tl.zeros([QR, W], tl.float32)
+    acc1 = tl.zeros([QR, W], tl.float32)
+    acc2 = tl.zeros([QR, W], tl.float32)
+    acc3 = tl.zeros([QR, W], tl.float32)
     kbase = KD + b * s_kb + hk * s_kh
     vbase = VD + b * s_vb + hk * s_vh
     start = c * chunk
-    DP: tl.constexpr = D * BITS // 8 if BITS < 16 else D
-    dp = tl.arange(0, DP)
     for off in tl.range(0, chunk, BLOCK, num_stages=STAGES):
         n = start + off + tl.arange(0, BLOCK)
         live = n < P
+        k_tile = tl.load(kbase + n[:, None] * s_kp + w[None, :], mask=live[:, None], other=0)
         if BITS == 16:
-            k = tl.load(kbase + n[:, None] * s_kp + d[None, :], mask=live[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q.to(k.dtype), tl.trans(k)).to(tl.float32)
+            s = _dot(q0, tl.trans(k_tile), IEEE, DT)
         else:
-            kcode = _unpack(tl.load(kbase + n[:, None] * s_kp + dp[None, :], mask=live[:, None],
-                                    other=0), BITS, BLOCK, D)
-            g_off = b * s_ksb + hk * s_ksh + ((start + off) // GROUP) * s_ksg + d
-            kscale = tl.load(KS + g_off).to(tl.float32)
-            klow = tl.load(KL + g_off).to(tl.float32)
-            q_low = tl.sum(q * klow[None, :], axis=1)  # [QR]
-            if IEEE:
-                s = tl.dot(q * kscale[None, :], tl.trans(kcode.to(tl.float32)),
-                           input_precision="ieee")
-            else:
-                s = tl.dot((q * kscale[None, :]).to(Q.dtype.element_ty),
-                           tl.trans(kcode.to(Q.dtype.element_ty))).to(tl.float32)
-            s = s + q_low[:, None]
+            g_off = b * s_ksb + hk * s_ksh + ((start + off) // GROUP) * s_ksg
+            s, row = _qk_plane(q0, k_tile, KS, KL, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE,
+                               DT)
+            if PER > 1:
+                s1, row1 = _qk_plane(q1, k_tile, KS, KL, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
+                                     IEEE, DT)
+                s += s1
+                row += row1
+            if PER > 2:
+                s2, row2 = _qk_plane(q2, k_tile, KS, KL, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
+                                     IEEE, DT)
+                s3, row3 = _qk_plane(q3, k_tile, KS, KL, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
+                                     IEEE, DT)
+                s += s2 + s3
+                row += row2 + row3
+            s += row[:, None]
         s = s * scale
         if HAS_POS:
             pos = tl.load(POS + b * s_pb + n, mask=live, other=-1)
@@ -117,48 +198,45 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
+        v_tile = tl.load(vbase + n[:, None] * s_vp + w[None, :], mask=live[:, None], other=0)
         if BITS == 16:
-            v = tl.load(vbase + n[:, None] * s_vp + d[None, :], mask=live[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc0 = acc0 * alpha[:, None] + _dot(p, v_tile, IEEE, DT)
         else:
-            vcode = _unpack(tl.load(vbase + n[:, None] * s_vp + dp[None, :], mask=live[:, None],
-                                    other=0), BITS, BLOCK, D)
+            t_off = b * s_vsb + hk * s_vsh + n * s_vsp
+            pw = p
+            row_v = tl.zeros([QR], tl.float32)
             if VGROUP == D:  # one scale and minimum per token
-                t_off = b * s_vsb + hk * s_vsh + n * s_vsp
                 vscale = tl.load(VS + t_off, mask=live, other=0.0).to(tl.float32)
                 vlow = tl.load(VL + t_off, mask=live, other=0.0).to(tl.float32)
-                pw = p * vscale[None, :]
-                if IEEE:
-                    pv = tl.dot(pw, vcode.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(pw.to(Q.dtype.element_ty),
-                                vcode.to(Q.dtype.element_ty)).to(tl.float32)
-                pv += tl.sum(p * vlow[None, :], axis=1)[:, None]
-            else:
-                NG: tl.constexpr = D // VGROUP
-                gi = tl.arange(0, NG)
-                t_off = (b * s_vsb + hk * s_vsh + n[:, None] * s_vsp + gi[None, :])
-                vscale = tl.load(VS + t_off, mask=live[:, None], other=0.0).to(tl.float32)
-                vlow = tl.load(VL + t_off, mask=live[:, None], other=0.0).to(tl.float32)
-                vscale = tl.reshape(tl.broadcast_to(vscale[:, :, None], (BLOCK, NG, VGROUP)),
-                                    (BLOCK, D))
-                vlow = tl.reshape(tl.broadcast_to(vlow[:, :, None], (BLOCK, NG, VGROUP)),
-                                  (BLOCK, D))
-                v = vcode.to(tl.float32) * vscale + vlow
-                if IEEE:
-                    pv = tl.dot(p, v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(Q.dtype.element_ty), v.to(Q.dtype.element_ty)).to(tl.float32)
-        acc = acc * alpha[:, None] + pv
+                pw = (p * vscale[None, :]).to(DT)
+                row_v = tl.sum(p * vlow[None, :], axis=1)
+                if MAGIC_BITS:
+                    row_v -= MAGIC * tl.sum(pw.to(tl.float32), axis=1)
+            acc0 = acc0 * alpha[:, None] + row_v[:, None] + _pv_plane(
+                p, pw, v_tile, VS, VL, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT)
+            if PER > 1:
+                acc1 = acc1 * alpha[:, None] + row_v[:, None] + _pv_plane(
+                    p, pw, v_tile, VS, VL, t_off, live, 1, W, BITS, VGROUP, D, MAGIC_BITS,
+                    IEEE, DT)
+            if PER > 2:
+                acc2 = acc2 * alpha[:, None] + row_v[:, None] + _pv_plane(
+                    p, pw, v_tile, VS, VL, t_off, live, 2, W, BITS, VGROUP, D, MAGIC_BITS,
+                    IEEE, DT)
+                acc3 = acc3 * alpha[:, None] + row_v[:, None] + _pv_plane(
+                    p, pw, v_tile, VS, VL, t_off, live, 3, W, BITS, VGROUP, D, MAGIC_BITS,
+                    IEEE, DT)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     idx = (bh * QR + rows) * n_chunks_total + chunk_offset + c  # [QR]: rows, then chunks
     tl.store(M_OUT + idx, m_i, mask=row_ok)
     tl.store(L_OUT + idx, l_i, mask=row_ok)
-    tl.store(ACC_OUT + idx[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+    acc_ptr = ACC_OUT + idx[:, None] * D + w[None, :]
+    tl.store(acc_ptr, acc0, mask=row_ok[:, None])
+    if PER > 1:
+        tl.store(acc_ptr + W, acc1, mask=row_ok[:, None])
+    if PER > 2:
+        tl.store(acc_ptr + 2 * W, acc2, mask=row_ok[:, None])
+        tl.store(acc_ptr + 3 * W, acc3, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -195,9 +273,9 @@ def _merge(M, L, ACC, OUT, Hkv, n_heads_per_kv, n_chunks, s_ob, s_oh,
 def _chunking(slots: int, programs_per_chunk: int, target_programs: int,
               tile: int) -> tuple[int, int]:
     """(chunk length, number of chunks) of one segment: enough programs to fill the GPU, and
-    chunks of at least 4 tiles so the merge stays small."""
+    chunks of at least MIN_TILES tiles."""
     want = max(1, target_programs // max(programs_per_chunk, 1))
-    chunk = max(tile * 4, triton.cdiv(triton.cdiv(slots, want), tile) * tile)
+    chunk = max(tile * MIN_TILES, triton.cdiv(triton.cdiv(slots, want), tile) * tile)
     return chunk, triton.cdiv(slots, chunk)
 
 
@@ -212,7 +290,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     plans = []
     for seg in segs:
         share = max(1, PROGRAMS_PER_SM * sms * seg.slots // max(total_slots, 1))
-        plans.append(_chunking(seg.slots, B * Hkv, share, _tile(seg)))
+        plans.append(_chunking(seg.slots, B * Hkv, share, _tile(seg, q.dtype)))
     n_chunks = sum(n for _, n in plans)
     m = torch.empty(B * Hkv * QROWS * n_chunks, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
@@ -225,6 +303,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         vs = seg.vs if quantized else dummy
         pos = seg.pos if seg.pos is not None else dummy
         kstr = ks.stride() if quantized else (0, 0, 0, 0)
+        magic_bits, magic = _magic(q.dtype, seg.bits)
         vstr = vs.stride() if quantized else (0, 0, 0, 0)
         _partials[(B * Hkv, count)](
             q, seg.kd, ks, seg.kl if quantized else dummy, seg.vd, vs,
@@ -234,11 +313,13 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             kstr[0], kstr[1], kstr[2], seg.vd.stride(0), seg.vd.stride(1), seg.vd.stride(2),
             vstr[0], vstr[1], vstr[2], pos.stride(0) if seg.pos is not None else 0,
             bias.stride(0) if bias is not None else 0,
-            BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=_tile(seg),
+            BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS,
+            BLOCK=_tile(seg, q.dtype),
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
-            IEEE=q.dtype == torch.float32, STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+            IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
+            STAGES=NUM_STAGES, num_warps=NUM_WARPS)
         offset += count
-    out = q.new_empty(B, H, 1, seg.vd.shape[-1] if seg.bits == 16 else D)
+    out = q.new_empty(B, H, 1, D)
     _merge[(B * Hkv, g)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0), out.stride(1),
                          D=D, QR=QROWS, BLOCK_C=32)
     return out

@@ -12,6 +12,12 @@ def test_pack_unpack_is_exact(bits):
     packed = quant.pack(codes, bits)
     assert packed.shape == (3, 5, 64 * bits // 8) and packed.dtype == torch.uint8
     assert torch.equal(quant.unpack(packed, bits), codes)
+    # planar layout (what the Triton decode kernel reads): byte i, bits [j*bits, (j+1)*bits)
+    # hold channel j * w + i
+    w = 64 * bits // 8
+    for j in range(8 // bits):
+        plane = (packed >> (j * bits)) & ((1 << bits) - 1)
+        assert torch.equal(plane, codes[..., j * w:(j + 1) * w])
 
 
 def per_element(param, shape, group_size, per_channel):
