@@ -57,6 +57,18 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return planes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
+def float_magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
+    """(bit pattern, value) of a float ``m`` such that the bits ``pattern | code`` are the float
+    ``m + code`` in ``dtype`` for every code of ``bits`` bits: a kernel turns codes into floats
+    with one integer OR (no int-to-float conversion) and subtracts ``m`` once per dot product.
+    (0, 0.0) where none exists (16-bit data, fp32, 8-bit codes in bf16: plain conversion)."""
+    if bits < 8 and dtype == torch.bfloat16:
+        return 0x4300, 128.0      # bf16 [128, 256) has spacing 1
+    if bits <= 8 and dtype == torch.float16:
+        return 0x6400, 1024.0     # fp16 [1024, 2048) has spacing 1
+    return 0, 0.0
+
+
 def _grouped(x: torch.Tensor, group_size: int, per_channel: bool) -> torch.Tensor:
     """View x [..., T, d] as groups on dim -2: [..., T//g, g, d] or [..., T, d//g, g]."""
     *lead, T, d = x.shape

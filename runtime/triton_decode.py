@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import quant
+
 # Launch parameters: the best of a sweep on an H100 at 128K, batch 1 and 8 (BENCHMARKS.md).
 BLOCK_N = 128         # slots per tile (less when a key group is smaller)
 QROWS = 16            # query rows per program (tl.dot needs >= 16)
@@ -47,19 +49,6 @@ def _tile(seg, dtype: torch.dtype) -> int:
     if seg.bits == 16:
         return most
     return next(b for b in (128, 64, 32, 16) if b <= most and seg.group % b == 0)
-
-
-def _magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
-    """(bit pattern, value) of the float ``m`` such that the bits ``pattern | code`` are the
-    float ``m + code`` for every code of ``bits`` bits in ``dtype``; (0, 0.0) where none exists
-    (fp32 and 16-bit segments, 8-bit codes in bf16: plain conversion)."""
-    if not USE_MAGIC or bits == 16:
-        return 0, 0.0
-    if dtype == torch.bfloat16 and bits <= 7:
-        return 0x4300, 128.0      # bf16 [128, 256): spacing 1
-    if dtype == torch.float16:
-        return 0x6400, 1024.0     # fp16 [1024, 2048): spacing 1
-    return 0, 0.0
 
 
 @triton.jit
@@ -303,7 +292,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         vs = seg.vs if quantized else dummy
         pos = seg.pos if seg.pos is not None else dummy
         kstr = ks.stride() if quantized else (0, 0, 0, 0)
-        magic_bits, magic = _magic(q.dtype, seg.bits)
+        magic_bits, magic = quant.float_magic(q.dtype, seg.bits) if USE_MAGIC else (0, 0.0)
         vstr = vs.stride() if quantized else (0, 0, 0, 0)
         _partials[(B * Hkv, count)](
             q, seg.kd, ks, seg.kl if quantized else dummy, seg.vd, vs,

@@ -66,3 +66,17 @@ def test_invalid_arguments_are_rejected():
         quant.quantize(torch.randn(4, 8), 3, 4, per_channel=True)
     with pytest.raises(ValueError, match="group_size 32 must divide the number of tokens"):
         quant.quantize(torch.randn(40, 8), 4, 32, per_channel=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_float_magic_turns_codes_into_floats_by_bit_or(dtype, bits):
+    """What the Triton decode kernel relies on: the bits ``pattern | code`` read as ``dtype`` are
+    exactly ``magic + code`` for every code."""
+    pattern, magic = quant.float_magic(dtype, bits)
+    if pattern == 0:
+        assert (dtype, bits) == (torch.bfloat16, 8)  # 128 + 255 is not exact in bf16
+        return
+    codes = torch.arange(1 << bits, dtype=torch.int16)
+    floats = (codes | pattern).view(dtype)
+    assert torch.equal(floats.float() - magic, codes.float())
