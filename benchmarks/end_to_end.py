@@ -315,11 +315,13 @@ def main():
         rows = decode(args.shape, args.contexts, args.batches, args.steps, args.caches)
         base = {(r["batch"], r["context"]): r["tokens_per_s"] for r in rows
                 if r["cache"].startswith("Dynamic")}
-        base = {key: base.get(key) for key in {(r["batch"], r["context"]) for r in rows}}
+
+        def vs_bf16(r):
+            b = base.get((r["batch"], r["context"]))
+            return "-" if not (r["tokens_per_s"] and b) else f"{r['tokens_per_s'] / b:.2f}x"
         print(tabulate([[r["batch"], r["context"], r["cache"],
                          "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
-                         "-" if not (r["tokens_per_s"] and base[(r["batch"], r["context"])])
-                         else f"{r['tokens_per_s'] / base[(r['batch'], r['context'])]:.2f}x",
+                         vs_bf16(r),
                          "-" if r["cache_gib"] is None else f"{r['cache_gib']:.2f}",
                          "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
                          r.get("compiled_graphs", "-"), r.get("compiles_while_timed", "-")]

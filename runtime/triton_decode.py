@@ -276,24 +276,25 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     q = q if q.stride(-1) == 1 else q.contiguous()
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     total_slots = sum(s.slots for s in segs)
-    plans = []
+    plans = []  # (chunk length, number of chunks, tile) per segment
     for seg in segs:
         share = max(1, PROGRAMS_PER_SM * sms * seg.slots // max(total_slots, 1))
-        plans.append(_chunking(seg.slots, B * Hkv, share, _tile(seg, q.dtype)))
-    n_chunks = sum(n for _, n in plans)
+        tile = _tile(seg, q.dtype)
+        plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile))
+    n_chunks = sum(n for _, n, _ in plans)
     m = torch.empty(B * Hkv * QROWS * n_chunks, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
     acc = torch.empty(B * Hkv * n_chunks * QROWS * D, device=q.device, dtype=torch.float32)
     dummy = q.new_empty(1)
     offset = 0
-    for seg, (chunk, count) in zip(segs, plans):
+    for seg, (chunk, count, tile) in zip(segs, plans):
         quantized = seg.bits < 16
         ks = seg.ks if quantized else dummy
         vs = seg.vs if quantized else dummy
         pos = seg.pos if seg.pos is not None else dummy
         kstr = ks.stride() if quantized else (0, 0, 0, 0)
-        magic_bits, magic = quant.float_magic(q.dtype, seg.bits) if USE_MAGIC else (0, 0.0)
         vstr = vs.stride() if quantized else (0, 0, 0, 0)
+        magic_bits, magic = quant.float_magic(q.dtype, seg.bits) if USE_MAGIC else (0, 0.0)
         _partials[(B * Hkv, count)](
             q, seg.kd, ks, seg.kl if quantized else dummy, seg.vd, vs,
             seg.vl if quantized else dummy, pos, bias if bias is not None else dummy,
@@ -302,8 +303,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             kstr[0], kstr[1], kstr[2], seg.vd.stride(0), seg.vd.stride(1), seg.vd.stride(2),
             vstr[0], vstr[1], vstr[2], pos.stride(0) if seg.pos is not None else 0,
             bias.stride(0) if bias is not None else 0,
-            BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS,
-            BLOCK=_tile(seg, q.dtype),
+            BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=tile,
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
             STAGES=NUM_STAGES, num_warps=NUM_WARPS)
