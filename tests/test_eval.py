@@ -61,9 +61,9 @@ def test_eager_passes_mode_matches_the_compiled_backend(shipped):
     model, _ = shipped
     setting = harness.Setting("zipvl", dict(tau=0.975, recent_probes=8, random_probes=32,
                                             keep_recent=4))
-    kw = dict(n=6, batch=6, grid=6)
-    eager = harness.evaluate(model, setting, inductor=False, **kw)
-    compiled = harness.evaluate(model, setting, inductor=True, **kw)
+    data = harness.ToyQuestions(model, n=6, grid=6)
+    eager = harness.evaluate(data, setting, batch=6, inductor=False)
+    compiled = harness.evaluate(data, setting, batch=6, inductor=True)
     for a, b in zip(eager, compiled):  # fp32 reductions may order differently: budgets can
         assert abs(a.correct - b.correct) <= 1  # move by a token
         assert a.kept == pytest.approx(b.kept, abs=0.01)

@@ -2,8 +2,13 @@
 
     python -m zipvl_compile.eval                       # the shipped toy VLM, held-out data
     python -m zipvl_compile.eval --weights my.safetensors --n 512 --plot acc.png
+    python -m zipvl_compile.eval --model CHECKPOINT --questions q.jsonl   # real weights
 
-Settings (each evaluated per difficulty level of ``toyvlm.task``):
+A checkpoint (``transformers`` hub id or folder, e.g. Qwen2-VL or LLaVA-OneVision) answers an
+image-question file by greedy generation; the file format and the answer-matching rule are in
+``eval_hf.py``.
+
+Settings (each evaluated per level: the toy task's difficulty levels, or the file's ``level``):
 
 - ``dense``: the model as is (eager, ``DynamicCache``).
 - ``zipvl tau=T``: the zipvl backend with the adaptive budget at each ``--taus`` value.
@@ -86,6 +91,39 @@ def load_toyvlm(path: str | Path | None = None):
     return model.eval(), meta
 
 
+class ToyQuestions:
+    """Held-out generated questions for the toy VLM: ``n`` per level of ``toyvlm.task`` on
+    ``grid`` x ``grid`` images (seeds past ``EVAL_SEED``, never reached in training).
+
+    The data-source interface ``evaluate`` uses (``eval_hf.CheckpointQuestions`` is the other):
+    ``model`` (compiled per setting), ``levels``, ``count(level)``, ``batches(level, batch)`` and
+    ``answer(batch, cache) -> (correct, predictions)``."""
+
+    def __init__(self, model, *, n: int, grid: int, seed: int = EVAL_SEED):
+        self.model, self.n, self.grid, self.seed = model, n, grid, seed
+        self.levels = task.LEVELS
+
+    def count(self, level: str) -> int:
+        return self.n
+
+    def batches(self, level: str, batch: int):
+        lv = self.levels.index(level)
+        samples = task.sample(self.n, self.grid, self.seed + lv, levels=(lv,))
+        for i in range(0, self.n, batch):
+            yield (samples.pixels[i:i + batch], samples.text[i:i + batch],
+                   samples.answer[i:i + batch])
+
+    def answer(self, batch, cache) -> tuple[int, list]:
+        """Prefill the image and question into ``cache``, one decode step; the answer token."""
+        pixels, text, answer = batch
+        predicted = self.model.answer(pixels, text, cache).argmax(-1)
+        return int((predicted == answer).sum()), predicted.tolist()
+
+    def describe(self) -> str:
+        return (f"{self.grid}x{self.grid} patches = {self.grid ** 2} visual tokens; {self.n} "
+                "held-out samples per level")
+
+
 def _make_cache(setting: Setting, cache_sizes: dict):
     if setting.cache is None:
         from transformers import DynamicCache
@@ -95,29 +133,27 @@ def _make_cache(setting: Setting, cache_sizes: dict):
     return ZipVLCache(high_bits=high, low_bits=low, **cache_sizes)
 
 
-def evaluate(model, setting: Setting, *, n: int, batch: int, grid: int, seed: int = EVAL_SEED,
-             cache_sizes: dict | None = None, inductor: bool = True, progress=None) -> list[Result]:
-    """Accuracy per level of ``setting`` on ``n`` held-out samples per level (``grid`` x
-    ``grid`` patches).  Compiles the language model for the setting (and undoes it after)."""
+def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = None,
+             inductor: bool = True, progress=None) -> list[Result]:
+    """Accuracy per level of ``setting`` on ``data`` (``ToyQuestions`` or
+    ``eval_hf.CheckpointQuestions``).  Compiles ``data.model``'s language model for the setting
+    (and undoes it after)."""
     cache_sizes = cache_sizes or {}
     torch._dynamo.reset()
     if setting.backend is not None:
-        compile_language_model(model, inductor=inductor, **setting.backend)
+        compile_language_model(data.model, inductor=inductor, **setting.backend)
     results = []
     try:
-        for lv, level in enumerate(task.LEVELS):
-            res = Result(setting.name, level, n)
+        for level in data.levels:
+            res = Result(setting.name, level, data.count(level))
             sums: dict[str, list[float]] = {}
             held = dense = 0
-            samples = task.sample(n, grid, seed + lv, levels=(lv,))
-            for i in range(0, n, batch):
+            for chunk in data.batches(level, batch):
                 reset_stats()
                 cache = _make_cache(setting, cache_sizes)
-                logits = model.answer(samples.pixels[i:i + batch], samples.text[i:i + batch],
-                                      cache)
-                predicted = logits.argmax(-1)
-                res.correct += int((predicted == samples.answer[i:i + batch]).sum())
-                res.predicted += predicted.tolist()
+                correct, predicted = data.answer(chunk, cache)
+                res.correct += correct
+                res.predicted += predicted
                 for r in stats():
                     if r.phase == "prefill" and r.kept_ratio is not None:
                         sums.setdefault(r.site, []).append(r.kept_ratio)
@@ -129,34 +165,37 @@ def evaluate(model, setting: Setting, *, n: int, batch: int, grid: int, seed: in
             res.kv_fraction = held / dense if dense else 1.0
             results.append(res)
     finally:
-        uncompile_language_model(model)  # back to eager for the next setting
+        uncompile_language_model(data.model)  # back to eager for the next setting
     return results
 
 
-def run(model, *, taus, caches, n, batch, grid, probes, cache_sizes, inductor=True,
+def run(data, *, taus, caches, batch, probes, cache_sizes, inductor=True,
         progress=True) -> list[Result]:
     """Every setting of the module docstring; fixed-ratio settings follow their adaptive run."""
-    per_setting = len(task.LEVELS) * -(-n // batch)
+    per_setting = sum(-(-data.count(level) // batch) for level in data.levels)
     total = per_setting * (1 + 2 * len(taus) + len(caches))
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="batch", desc="zipvl eval")
-    kw = dict(n=n, batch=batch, grid=grid, cache_sizes=cache_sizes, inductor=inductor,
-              progress=bar)
-    results = evaluate(model, Setting("dense"), **kw)
+    kw = dict(batch=batch, cache_sizes=cache_sizes, inductor=inductor, progress=bar)
+    results = evaluate(data, Setting("dense"), **kw)
     for tau in taus:
-        adaptive = evaluate(model, Setting(f"zipvl tau={tau}", dict(tau=tau, **probes)), **kw)
+        adaptive = evaluate(data, Setting(f"zipvl tau={tau}", dict(tau=tau, **probes)), **kw)
         mean = sum(r.mean_kept for r in adaptive) / len(adaptive)
         results += adaptive
-        results += evaluate(model, Setting(f"fixed ratio {mean:.3f}",
-                                           dict(ratio=round(mean, 6), **probes)), **kw)
+        results += evaluate(data, Setting(f"fixed ratio {mean:.3f}",
+                                          dict(ratio=round(mean, 6), **probes)), **kw)
     for high, low in caches:
-        results += evaluate(model, Setting(f"zipvl tau=0.975 + cache {high}/{low}",
-                                           dict(tau=0.975, **probes), (high, low)), **kw)
+        results += evaluate(data, Setting(f"zipvl tau=0.975 + cache {high}/{low}",
+                                          dict(tau=0.975, **probes), (high, low)), **kw)
     if bar is not None:
         bar.close()
     return results
+
+
+def _levels(results: list[Result]) -> list[str]:
+    return list(dict.fromkeys(r.level for r in results))
 
 
 def table(results: list[Result]) -> str:
@@ -168,11 +207,11 @@ def table(results: list[Result]) -> str:
     rows = []
     for name in names:
         row = [name]
-        for level in task.LEVELS:
+        for level in _levels(results):
             r = by[(name, level)]
             row += [f"{100 * r.accuracy:.1f}", f"{r.mean_kept:.3f}", f"{100 * r.kv_fraction:.0f}%"]
         rows.append(row)
-    headers = ["setting"] + [f"{lv} {what}" for lv in task.LEVELS
+    headers = ["setting"] + [f"{lv} {what}" for lv in _levels(results)
                              for what in ("acc %", "kept", "KV")]
     return tabulate(rows, headers=headers)
 
@@ -200,7 +239,7 @@ def plot(results: list[Result], path: str) -> None:
     left.set(xlabel="layer", ylabel="kept ratio", title="kept ratio per layer", ylim=(0, 1.05))
     left.legend(fontsize=7)
     for kind, marker in (("zipvl tau", "o"), ("fixed ratio", "x")):
-        for level in task.LEVELS:
+        for level in _levels(results):
             pts = sorted((r.mean_kept, r.accuracy) for r in results
                          if r.setting.startswith(kind) and "cache" not in r.setting
                          and r.level == level)
@@ -219,38 +258,66 @@ def plot(results: list[Result], path: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", default=None, help="toy VLM safetensors (default: shipped)")
-    ap.add_argument("--n", type=int, default=256, help="held-out samples per level")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--grid", type=int, default=None, help="image grid (default: the model's)")
+    src = ap.add_argument_group("what to evaluate (default: the shipped toy VLM)")
+    src.add_argument("--weights", default=None, help="toy VLM safetensors (default: shipped)")
+    src.add_argument("--n", type=int, default=256, help="toy: held-out samples per level")
+    src.add_argument("--grid", type=int, default=None, help="toy: image grid (default: the "
+                     "model's)")
+    src.add_argument("--model", default=None, help="a transformers image-text-to-text "
+                     "checkpoint (hub id or folder); needs --questions")
+    src.add_argument("--questions", default=None, help="JSON Lines image-question file "
+                     "(format: zipvl_compile/eval_hf.py)")
+    src.add_argument("--max-new-tokens", type=int, default=16)
+    src.add_argument("--device", default=None, help="checkpoint: default cuda if available")
+    src.add_argument("--dtype", default=None, help="checkpoint: default bfloat16 on CUDA, "
+                     "float32 on CPU")
+    ap.add_argument("--batch", type=int, default=None, help="default: toy 64, checkpoint 4")
     ap.add_argument("--taus", type=float, nargs="+", default=[0.95, 0.975, 0.99])
     ap.add_argument("--caches", nargs="*", default=["8/4", "4/2", "4/0"],
                     help="ZipVLCache HIGH/LOW bit settings")
-    ap.add_argument("--recent-probes", type=int, default=8)
-    ap.add_argument("--random-probes", type=int, default=32)
-    ap.add_argument("--keep-recent", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--residual-length", type=int, default=16)
+    sizes = ap.add_argument_group("probe and cache sizes (default: scaled down for the toy's "
+                                  "few hundred tokens; ZipVLConfig's defaults for a checkpoint)")
+    for flag in ("recent-probes", "random-probes", "keep-recent", "group-size",
+                 "residual-length"):
+        sizes.add_argument(f"--{flag}", type=int, default=None)
     ap.add_argument("--no-inductor", action="store_true",
                     help="apply the passes but run the graphs eagerly (fast, same decisions)")
     ap.add_argument("--plot", default=None, help="write the PNG plot here")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if (args.model is None) != (args.questions is None):
+        ap.error("--model and --questions go together")
 
-    model, meta = load_toyvlm(args.weights)
-    grid = args.grid or model.config.grid
+    if args.model is None:
+        model, meta = load_toyvlm(args.weights)
+        data = ToyQuestions(model, n=args.n, grid=args.grid or model.config.grid)
+        source = (f"{args.weights or SHIPPED} (recorded dense accuracy "
+                  f"{meta.get('accuracy', '?')})")
+        defaults = dict(recent_probes=8, random_probes=32, keep_recent=4, group_size=32,
+                        residual_length=16, batch=64)
+    else:
+        from . import eval_hf
+        from .config import ZipVLConfig
+        questions = eval_hf.read_questions(args.questions)
+        model, processor = eval_hf.load_checkpoint(args.model, device=args.device,
+                                                   dtype=args.dtype)
+        data = eval_hf.CheckpointQuestions(model, processor, questions,
+                                           max_new_tokens=args.max_new_tokens)
+        source = f"{args.model} on {args.questions}"
+        c = ZipVLConfig()
+        defaults = dict(recent_probes=c.recent_probes, random_probes=c.random_probes,
+                        keep_recent=c.keep_recent, group_size=c.group_size,
+                        residual_length=c.residual_length, batch=4)
+    pick = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
     caches = [tuple(int(b) for b in c.split("/")) for c in args.caches]
-    probes = dict(recent_probes=args.recent_probes, random_probes=args.random_probes,
-                  keep_recent=args.keep_recent)
-    sizes = dict(group_size=args.group_size, residual_length=args.residual_length)
+    probes = {k: pick[k] for k in ("recent_probes", "random_probes", "keep_recent")}
+    sizes = {k: pick[k] for k in ("group_size", "residual_length")}
     with torch.no_grad():
-        results = run(model, taus=args.taus, caches=caches, n=args.n, batch=args.batch,
-                      grid=grid, probes=probes, cache_sizes=sizes,
-                      inductor=not args.no_inductor, progress=not args.no_progress)
-    print(f"\nmodel: {args.weights or SHIPPED}  ({grid}x{grid} patches = {grid * grid} visual "
-          f"tokens; {args.n} held-out samples per level; recorded dense accuracy "
-          f"{meta.get('accuracy', '?')})\nprobes {probes}; cache {sizes}")
+        results = run(data, taus=args.taus, caches=caches, batch=pick["batch"], probes=probes,
+                      cache_sizes=sizes, inductor=not args.no_inductor,
+                      progress=not args.no_progress)
+    print(f"\nmodel: {source}\n{data.describe()}\nprobes {probes}; cache {sizes}")
     print(table(results))
     print("\nkept ratio per layer")
     print(layer_table(results))

@@ -48,3 +48,33 @@ def llava():
     ids = torch.tensor([[1, 10, 11] + [250] * 16 + list(range(20, 30))])  # 16 image tokens
     return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                        pixel_values=torch.randn(1, 3, 32, 32))
+
+
+def llava_checkpoint(folder) -> None:
+    """Write a tiny LLaVA checkpoint with a processor to ``folder`` (``from_pretrained``-able):
+    ``llava()``'s random weights, a character-level tokenizer, a CLIP image processor (32 x 32
+    images, 16 image tokens) and a chat template.  What the harness's checkpoint path loads in
+    tests, without downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    words = ["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens=["<image>"])
+    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                   crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template,
+                   patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(folder)
+    model, _ = llava()
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.image_token_id = model.config.image_token_index = image_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
