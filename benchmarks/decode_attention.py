@@ -93,7 +93,7 @@ def mixed_cache(k, v, high_bits, low_bits, gen):
     split = kv_split.split_by_importance(k, v, plan, plan.counts.tolist(), high_bits=high_bits,
                                          low_bits=low_bits, group_size=128, vgroup=128)
     lo = split.lo.tensors() if split.lo is not None else (None,) * 7
-    return (*split.hi.tensors(), *lo, split.res_k, split.res_v, high_bits,
+    return (*split.hi.tensors(), *lo, split.res_k, split.res_v, None, high_bits,
             low_bits if split.lo is not None else 0, 128, 128, n, split.evicted)
 
 

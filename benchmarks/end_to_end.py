@@ -18,7 +18,9 @@ prompt important for ZipVLCache), then greedy decode steps of the compiled langu
 (zipvl backend: dense decode attention for DynamicCache, the fused kernel for ZipVLCache):
 warm-up steps until one compiles no new graph, then ``--steps`` timed steps; tokens/s = batch /
 median step time; peak GPU memory, cache bytes, graphs compiled so far and during the timed
-steps.
+steps.  ``--cuda-graphs``: the same with static-shape caches (bf16: transformers' StaticCache;
+``ZipVLCache(max_cache_len=...)``) under ``mode="reduce-overhead"``, so that each step replays
+a CUDA graph; the table then also counts graphs Inductor kept out of CUDA graphs.
 """
 from __future__ import annotations
 
@@ -167,10 +169,11 @@ def _random_kv(B, Hkv, n, d, gen):
     return k, torch.randn_like(k)
 
 
-def dense_cache(cfg, B, n, gen):
-    from transformers import DynamicCache
+def dense_cache(cfg, B, n, gen, max_len=None):
+    """bf16 cache holding n random tokens: DynamicCache, or StaticCache of ``max_len``."""
+    from transformers import DynamicCache, StaticCache
 
-    cache = DynamicCache()
+    cache = DynamicCache() if max_len is None else StaticCache(config=cfg, max_cache_len=max_len)
     d = cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
         k, v = _random_kv(B, cfg.num_key_value_heads, n, d, gen)
@@ -178,11 +181,13 @@ def dense_cache(cfg, B, n, gen):
     return cache
 
 
-def zipvl_cache(cfg, B, n, gen, high_bits, low_bits):
-    """A ZipVLCache as the backend leaves it after a prefill keeping a random half."""
+def zipvl_cache(cfg, B, n, gen, high_bits, low_bits, max_len=None):
+    """A ZipVLCache as the backend leaves it after a prefill keeping a random half (with
+    ``max_len``: in the fixed buffers its first decode step moves it to)."""
     from zipvl_compile.cache import ZipVLLayer
+    from zipvl_compile.runtime import kv_static
 
-    cache = ZipVLCache(high_bits=high_bits, low_bits=low_bits)
+    cache = ZipVLCache(high_bits=high_bits, low_bits=low_bits, max_cache_len=max_len)
     c = cache.config
     d = cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
@@ -198,10 +203,21 @@ def zipvl_cache(cfg, B, n, gen, high_bits, low_bits):
                                              vgroup=min(c.group_size, d))
         layer = ZipVLLayer(cache, i)
         layer.lazy_initialization(k, v)
-        layer.install(split)
+        if max_len is None:
+            layer.install(split)
+        else:
+            layer.static = kv_static.build(split.hi, split.lo, split.res_k, split.res_v, n,
+                                           max_len, c.residual_length, split.evicted)
         cache.layers.append(layer)
+        del split
         del k, v
     return cache
+
+
+def cudagraph_skips() -> int:
+    """Graphs Inductor compiled without CUDA graphs so far (with a logged reason)."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def compiled_graphs() -> int:
@@ -210,13 +226,19 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-CACHES = ("DynamicCache bf16", "ZipVLCache 4/2", "ZipVLCache 4/0")
+# "ZipVLCache 16/16" is dense bf16 K/V read by the fused decode kernel (GQA without repeat_kv):
+# a second dense baseline, faster than transformers' path where that expands K/V per query head.
+CACHES = ("DynamicCache bf16", "ZipVLCache 16/16", "ZipVLCache 4/2", "ZipVLCache 4/0")
+DENSE = ("bf16", "16/16")
 
 
-def decode(shape, contexts, batches, steps, caches=CACHES):
+def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False):
+    """Rows of the decode table.  ``cuda_graphs``: static-shape caches (transformers'
+    StaticCache for bf16, ZipVLCache(max_cache_len=...)) and mode="reduce-overhead"."""
     model = build(shape)
     cfg = model.config
-    zipvl_compile.compile_language_model(model)
+    zipvl_compile.compile_language_model(model, mode="reduce-overhead" if cuda_graphs else None)
+    warm = 16  # decode steps before timing, at most
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for B in batches:
@@ -225,12 +247,14 @@ def decode(shape, contexts, batches, steps, caches=CACHES):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
+                    max_len = n + warm + steps + 1 if cuda_graphs else None
+                    label = name.replace("DynamicCache", "StaticCache") if cuda_graphs else name
                     if name.startswith("Dynamic"):
-                        cache = dense_cache(cfg, B, n, gen)
+                        cache = dense_cache(cfg, B, n, gen, max_len)
                         cache_bytes = sum(l.keys.numel() * 2 * 2 for l in cache.layers)
                     else:
                         hb, lb = map(int, name.split()[1].split("/"))
-                        cache = zipvl_cache(cfg, B, n, gen, hb, lb)
+                        cache = zipvl_cache(cfg, B, n, gen, hb, lb, max_len)
                         cache_bytes = cache.memory_bytes()
                     ids = torch.randint(0, 1000, (B, 1), device="cuda")
 
@@ -242,13 +266,15 @@ def decode(shape, contexts, batches, steps, caches=CACHES):
                         return out.logits.argmax(-1)
 
                     # warm-up until a step compiles nothing new (the first decode steps
-                    # compile, the next recompile with a dynamic length), then time each step
-                    pos = n
-                    for _ in range(8):
+                    # compile, the next recompile with a dynamic length; CUDA graphs record
+                    # on a graph's second run: two more steps), then time each step
+                    pos, quiet = n, 0
+                    for _ in range(warm):
                         before = compiled_graphs()
                         ids = step(pos)
                         pos += 1
-                        if compiled_graphs() == before:
+                        quiet = quiet + 1 if compiled_graphs() == before else 0
+                        if quiet == (3 if cuda_graphs else 1):
                             break
                     graphs_before = compiled_graphs()
                     times = []
@@ -260,19 +286,51 @@ def decode(shape, contexts, batches, steps, caches=CACHES):
                         times.append(time.perf_counter() - t0)
                         pos += 1
                     dt = statistics.median(times)
-                    rows.append(dict(shape=shape, batch=B, context=n, cache=name,
-                                     tokens_per_s=B / dt, ms_per_step=1e3 * dt,
+                    rows.append(dict(shape=shape, batch=B, context=n, cache=label,
+                                     cuda_graphs=cuda_graphs, tokens_per_s=B / dt,
+                                     ms_per_step=1e3 * dt,
                                      cache_gib=cache_bytes / 2**30,
                                      peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                                      compiled_graphs=compiled_graphs(),
-                                     compiles_while_timed=compiled_graphs() - graphs_before))
+                                     compiles_while_timed=compiled_graphs() - graphs_before,
+                                     cudagraph_skips=cudagraph_skips()))
                 except torch.cuda.OutOfMemoryError:
-                    rows.append(dict(shape=shape, batch=B, context=n, cache=name,
-                                     tokens_per_s=None, ms_per_step=None, cache_gib=None,
+                    rows.append(dict(shape=shape, batch=B, context=n, cache=label,
+                                     cuda_graphs=cuda_graphs, tokens_per_s=None,
+                                     ms_per_step=None, cache_gib=None,
                                      peak_gib=None, note="out of memory"))
                 print(rows[-1], flush=True)
                 cache = None
     return rows
+
+
+def decode_table(rows) -> str:
+    """The decode table: tokens/s and ratios to transformers' bf16 cache and to the fastest
+    dense row (bf16 or the fused kernel at 16/16) of the same batch and context."""
+    from tabulate import tabulate
+
+    base, fastest = {}, {}
+    for r in rows:
+        key = (r["batch"], r["context"])
+        if r["cache"].endswith("bf16"):
+            base[key] = r["tokens_per_s"]
+        if r["cache"].endswith(DENSE) and r["tokens_per_s"]:
+            fastest[key] = max(fastest.get(key, 0), r["tokens_per_s"])
+
+    def vs(r, ref):
+        b = ref.get((r["batch"], r["context"]))
+        return "-" if not (r["tokens_per_s"] and b) else f"{r['tokens_per_s'] / b:.2f}x"
+    return tabulate([[r["batch"], r["context"], r["cache"],
+                      "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
+                      vs(r, base), vs(r, fastest),
+                      "-" if r["cache_gib"] is None else f"{r['cache_gib']:.2f}",
+                      "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+                      r.get("compiled_graphs", "-"), r.get("compiles_while_timed", "-"),
+                      r.get("cudagraph_skips", "-") if r.get("cuda_graphs") else "off"]
+                     for r in rows],
+                    headers=["batch", "context", "KV cache", "tokens/s", "vs bf16",
+                             "vs fastest dense", "cache GiB", "peak GiB", "graphs",
+                             "compiled while timed", "CUDA-graph skips"])
 
 
 def main():
@@ -289,6 +347,9 @@ def main():
                     help="ttft/stages: profile the zipvl runs at the largest context")
     ap.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES,
                     help="decode: which caches to time")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="decode: static-shape caches (bf16: transformers StaticCache; ZipVLCache "
+                         "with max_cache_len) under mode='reduce-overhead'")
     ap.add_argument("--json")
     args = ap.parse_args()
     from tabulate import tabulate
@@ -312,22 +373,9 @@ def main():
                        headers=["context", "prefill", "TTFT s", "speedup", "time vs default",
                                 "peak GiB"]))
     else:
-        rows = decode(args.shape, args.contexts, args.batches, args.steps, args.caches)
-        base = {(r["batch"], r["context"]): r["tokens_per_s"] for r in rows
-                if r["cache"].startswith("Dynamic")}
-
-        def vs_bf16(r):
-            b = base.get((r["batch"], r["context"]))
-            return "-" if not (r["tokens_per_s"] and b) else f"{r['tokens_per_s'] / b:.2f}x"
-        print(tabulate([[r["batch"], r["context"], r["cache"],
-                         "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
-                         vs_bf16(r),
-                         "-" if r["cache_gib"] is None else f"{r['cache_gib']:.2f}",
-                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
-                         r.get("compiled_graphs", "-"), r.get("compiles_while_timed", "-")]
-                        for r in rows],
-                       headers=["batch", "context", "KV cache", "tokens/s", "vs bf16",
-                                "cache GiB", "peak GiB", "graphs", "compiled while timed"]))
+        rows = decode(args.shape, args.contexts, args.batches, args.steps, args.caches,
+                      args.cuda_graphs)
+        print(decode_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

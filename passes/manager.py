@@ -59,7 +59,7 @@ class PassManager:
             decisions.append(SiteDecision(site.name, site.module_type, site.phase, site.pattern,
                                           not reason, reason, uid))
         if salt or fused:
-            gm.graph.eliminate_dead_code()
+            gm.graph.eliminate_dead_code(is_impure_node=_keeps_effect)
             gm.recompile()
         return decisions
 
@@ -85,3 +85,13 @@ def _inputs_after_rewrites(site: sites.AttentionSite, replaced: dict) -> sites.A
     fields = {name: replaced[node] for name in ("q", "k", "v", "attn_mask")
               if (node := getattr(site, name)) in replaced}
     return dataclasses.replace(site, **fields) if fields else site
+
+
+def _keeps_effect(node: fx.Node) -> bool:
+    """DCE must keep ``node``: FX's own rule, plus in-place tensor methods (Dynamo records
+    ``cache.index_copy_(...)`` as a ``call_method`` that FX considers pure: a KV cache's writes
+    would be dropped once nothing reads their result)."""
+    if node.is_impure():
+        return True
+    return (node.op == "call_method" and isinstance(node.target, str)
+            and node.target.endswith("_") and not node.target.endswith("__"))

@@ -11,9 +11,11 @@ connect the cache to the compiler.
   (``triton_decode``), a chunked PyTorch implementation elsewhere.
 
 Segment arguments, in this order: high pool (k data, k scale, k low, v data, v scale, v low,
-pos), low pool (same, all None when absent), residual k, residual v [B, Hkv, r, d].  ``q`` is
-[B, H, 1, d] with ``H = g * Hkv``; ``attn_mask`` is None or [B or 1, 1, 1, L] (bool, or additive
-float), indexed by position; ``L = mask.shape[-1]`` places the residual window at ``L - r``.
+pos), low pool (same, all None when absent), residual k, residual v [B, Hkv, r, d], residual
+positions [B, r] int32 (-1: empty slot) or None.  ``q`` is [B, H, 1, d] with ``H = g * Hkv``;
+``attn_mask`` is None or [B or 1, 1, 1, L] (bool, or additive float), indexed by position;
+without residual positions the window holds positions ``L - r .. L - 1`` (``L = length``); with
+them (``kv_static``'s ring) ``length`` is the capacity the mask covers.
 """
 from __future__ import annotations
 
@@ -63,14 +65,14 @@ class Segment:
         return k, v, pos
 
 
-def segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
+def segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv, rpos,
              high_bits, low_bits, group, vgroup, length, evicted=False) -> list[Segment]:
     """The non-empty segments of a cache layer (``ZipVLLayer.kernel_args()`` order)."""
     dtype = rk.dtype
     out = [Segment(hk, hks, hkl, hv, hvs, hvl, hpos, high_bits, group, vgroup, dtype)]
     if lk is not None:
         out.append(Segment(lk, lks, lkl, lv, lvs, lvl, lpos, low_bits, group, vgroup, dtype))
-    out.append(Segment(rk, None, None, rv, None, None, None, 16, group, vgroup, dtype,
+    out.append(Segment(rk, None, None, rv, None, None, rpos, 16, group, vgroup, dtype,
                        base=length - rk.shape[-2]))
     return [s for s in out if s.slots > 0]
 
@@ -150,8 +152,9 @@ def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.
              hpos: torch.Tensor, lk: Optional[torch.Tensor], lks: Optional[torch.Tensor],
              lkl: Optional[torch.Tensor], lv: Optional[torch.Tensor], lvs: Optional[torch.Tensor],
              lvl: Optional[torch.Tensor], lpos: Optional[torch.Tensor], rk: torch.Tensor,
-             rv: torch.Tensor, high_bits: int, low_bits: int, group: int, vgroup: int,
-             length: int, evicted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             rv: torch.Tensor, rpos: Optional[torch.Tensor], high_bits: int, low_bits: int,
+             group: int, vgroup: int, length: int,
+             evicted: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if evicted:
         raise RuntimeError(
             "ZipVLCache evicted prompt tokens (low_bits=0), which position-ordered K/V cannot "
@@ -159,7 +162,7 @@ def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.
             "kernel (torch.compile(..., backend='zipvl')); see zipvl_compile.stats() for why "
             "this attention call was not fused, or use low_bits > 0")
     segs = segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
-                    high_bits, low_bits, group, vgroup, length)
+                    rpos, high_bits, low_bits, group, vgroup, length)
     B, Hkv, _, d = rk.shape
     keys = rk.new_zeros(B, Hkv, length, d)
     values = rv.new_zeros(B, Hkv, length, rv.shape[-1])
@@ -173,8 +176,8 @@ def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.
 
 
 @cache_kv.register_fake
-def _(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv, high_bits,
-      low_bits, group, vgroup, length, evicted):
+def _(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv, rpos,
+      high_bits, low_bits, group, vgroup, length, evicted):
     B, Hkv, _, d = rk.shape
     return rk.new_empty(B, Hkv, length, d), rv.new_empty(B, Hkv, length, rv.shape[-1])
 
@@ -187,11 +190,11 @@ def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: 
                      lkl: Optional[torch.Tensor], lv: Optional[torch.Tensor],
                      lvs: Optional[torch.Tensor], lvl: Optional[torch.Tensor],
                      lpos: Optional[torch.Tensor], rk: torch.Tensor, rv: torch.Tensor,
-                     high_bits: int, low_bits: int, group: int, vgroup: int, length: int,
-                     evicted: bool) -> torch.Tensor:
+                     rpos: Optional[torch.Tensor], high_bits: int, low_bits: int, group: int,
+                     vgroup: int, length: int, evicted: bool) -> torch.Tensor:
     """Fused decode attention: q [B, H, 1, d] over the cache segments -> [B, H, 1, dv]."""
     segs = segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
-                    high_bits, low_bits, group, vgroup, length)
+                    rpos, high_bits, low_bits, group, vgroup, length)
     if q.is_cuda:
         from . import triton_decode
         if triton_decode.supported(q, segs):
@@ -201,6 +204,6 @@ def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: 
 
 @decode_attention.register_fake
 def _(q, attn_mask, scale, hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos,
-      rk, rv, high_bits, low_bits, group, vgroup, length, evicted):
+      rk, rv, rpos, high_bits, low_bits, group, vgroup, length, evicted):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, rv.shape[-1])

@@ -21,6 +21,11 @@ from typing import Protocol
 
 import torch
 
+# Tag of ops Inductor must keep out of CUDA graphs (it partitions around them, or skips CUDA
+# graphs for their graph): host syncs and run-time Python side effects, which a replay skips.
+CUDAGRAPH_UNSAFE = ((torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe")
+                    else ())
+
 _lock = threading.Lock()
 _receivers: "weakref.WeakValueDictionary[int, Receiver]" = weakref.WeakValueDictionary()
 
@@ -47,23 +52,27 @@ def receiver(token: torch.Tensor | None) -> Receiver | None:
         return _receivers.get(token.data_ptr())
 
 
-@torch.library.custom_op("zipvl::mark_prompt", mutates_args=())
+@torch.library.custom_op("zipvl::mark_prompt", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
 def mark_prompt(keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor,
-                layer: int) -> torch.Tensor:
+                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Names the cache (``token``) and ``layer`` that store these prompt K/V [B, Hkv, n, d].
-    Returns an empty tensor (the cache keeps it so that the mark stays in the graph)."""
-    return token.new_empty(0)
+    Returns copies of them, which the cache stores (keeping the op in the graph).
+
+    The copies are made outside CUDA graphs (this op is kept out of them): the cache holds the
+    prompt past the graph's run, and memory of a CUDA graph's outputs is reused by its next
+    run."""
+    return keys.clone(), values.clone()
 
 
 @mark_prompt.register_fake
 def _(keys, values, token, layer):
-    return token.new_empty(0)
+    return torch.empty_like(keys), torch.empty_like(values)
 
 
 MARK = (torch.ops.zipvl.mark_prompt, torch.ops.zipvl.mark_prompt.default)
 
 
-@torch.library.custom_op("zipvl::note_uniform_split", mutates_args=())
+@torch.library.custom_op("zipvl::note_uniform_split", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
 def note_uniform_split(token: torch.Tensor, layer: int, n: int) -> torch.Tensor:
     """Tells the cache named by ``token`` (at run time, also inside compiled graphs) that
     ``layer`` split its ``n``-token prompt without importance, for ``stats()``."""

@@ -109,12 +109,9 @@ def _kept_key_mask(mask4, query_pos, idx, budget):
     return masks.bias(sub).masked_fill(~(masks.allowed(sub) & slot_ok), float("-inf"))[:, None]
 
 
-# The host read of the budget cannot be recorded into a CUDA graph: Inductor partitions around
-# (or skips CUDA graphs for) ops with this tag.
-_HOST_SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
-
-
-@torch.library.custom_op("zipvl::sparse_prefill_sdpa", mutates_args=(), tags=_HOST_SYNC_TAGS)
+# The host read of the budget cannot be recorded into a CUDA graph.
+@torch.library.custom_op("zipvl::sparse_prefill_sdpa", mutates_args=(),
+                         tags=handoff.CUDAGRAPH_UNSAFE)
 def sparse_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         kept_idx: torch.Tensor, budget: torch.Tensor, n_valid: torch.Tensor,
                         attn_mask: Optional[torch.Tensor], mask_kind: Optional[torch.Tensor],

@@ -265,3 +265,20 @@ def test_decode_over_the_cache_is_fused_or_reports_why_not():
         assert not site.sparse and reason in site.reason
         (rec,) = [r for r in zipvl_compile.stats() if r.phase == "decode"]
         assert rec.path == "dense" and reason in rec.reason and "ZipVLCache" in rec.reason
+
+
+def test_rewriting_keeps_in_place_writes_whose_result_is_unused():
+    """A KV cache's ``buf.index_copy_(...)`` is a call_method whose result nothing reads: the
+    dead-code elimination after a rewrite must keep it (FX alone considers it pure)."""
+    (q, k, v), _ = planted_qkv()
+    cache = torch.zeros(4)
+
+    def step(q, k, v, cache):
+        cache.index_copy_(0, torch.tensor([1]), k[0, 0, :1, 0])
+        cache.add_(1.0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    f, be = compile_fn(step)
+    f(q, k, v, cache)
+    assert only_site(be).sparse
+    assert cache.tolist() == [1.0, 1.0 + k[0, 0, 0, 0].item(), 1.0, 1.0]

@@ -2,8 +2,8 @@
 
 Lifecycle of one layer (storage in ``runtime/kv_pool.py``, splitting in ``runtime/kv_split.py``):
 
-1. **Prompt.**  The first update stores the prompt's K/V unquantized and marks them
-   (``zipvl::mark_prompt``) with this cache's token and the layer index.
+1. **Prompt.**  The first update stores the prompt's K/V unquantized, as copied by
+   ``zipvl::mark_prompt``, which also marks them with this cache's token and the layer index.
 2. **Split.**  Under the zipvl backend, the layer's sparse prefill kernel finds the cache by its
    token and hands over its selection at run time (``runtime/handoff.py``): the prompt is split
    into the high-bit pool (tokens the prefill kept), the low-bit pool (the others; evicted at
@@ -17,6 +17,14 @@ Lifecycle of one layer (storage in ``runtime/kv_pool.py``, splitting in ``runtim
    for an attention the backend does not fuse, which the backend's decode pass replaces by one
    fused attention over the packed segments (``runtime/decode_attention.py``).
 
+**Static shapes for CUDA graphs.**  With ``max_cache_len`` (prompt + generated tokens at
+most), the step that adopts the split also moves the layer into fixed buffers sized for the whole
+generation (``zipvl::make_static``, ``runtime/kv_static.py``); every later step writes in place
+at device-held positions, so its graph has the same shapes and addresses each time and replays
+from a CUDA graph (``compile_language_model(model, mode="reduce-overhead")``).  The cache is then
+``is_compileable``, so ``generate()`` builds each step's attention mask outside the model, at the
+fixed length ``max_cache_len``.
+
 ``stats()`` has one "kv-cache" row per layer saying which split was applied.
 """
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import ZipVLConfig
-from .runtime import handoff, kv_pool, kv_split, stats
+from .runtime import handoff, kv_pool, kv_split, kv_static, stats
 from .runtime import decode_attention  # noqa: F401  (registers zipvl::cache_kv)
 
 logger = logging.getLogger("zipvl_compile")
@@ -36,7 +44,6 @@ logger = logging.getLogger("zipvl_compile")
 class ZipVLLayer(CacheLayerMixin):
     """One decoder layer's cache (see the module docstring for its lifecycle)."""
 
-    is_compileable = False
     is_sliding = False
     is_croppable = False
 
@@ -50,6 +57,12 @@ class ZipVLLayer(CacheLayerMixin):
         self.res_k = self.res_v = None
         self.span = None  # [0, L] tensor: its last dimension is the cached length, as a shape
         self.mark = None
+        self.static: kv_static.StaticLayer | None = None  # with max_cache_len, after step 1
+
+    @property
+    def is_compileable(self) -> bool:
+        """True with ``max_cache_len``: decode steps have static shapes (module docstring)."""
+        return self.owner.capacity is not None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -68,16 +81,27 @@ class ZipVLLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.split and self.keys is None:  # the prompt
-            self.keys, self.values = key_states, value_states
-            self.mark = handoff.mark_prompt(key_states, value_states, self.owner.token,
-                                            self.layer_idx)
+        if not self.split and self.keys is None and self.static is None:  # the prompt
+            limit = self.owner.capacity
+            if limit is not None and key_states.shape[-2] >= limit:
+                raise ValueError(f"max_cache_len={limit} leaves no room to decode after a "
+                                 f"prompt of {key_states.shape[-2]} tokens")
+            self.keys, self.values = handoff.mark_prompt(key_states, value_states,
+                                                         self.owner.token, self.layer_idx)
             return key_states, value_states
-        self.append(key_states, value_states)
-        return torch.ops.zipvl.cache_kv(*self.kernel_args())
+        return torch.ops.zipvl.cache_kv(*self.append(key_states, value_states))
 
-    def append(self, key_states, value_states) -> None:
-        """Store tokens after the prompt (splitting the prompt first if not yet done)."""
+    def append(self, key_states, value_states) -> tuple:
+        """Store tokens after the prompt (splitting the prompt first if not yet done).  Returns
+        the layer's ``kernel_args()`` for this step."""
+        if self.static is not None:
+            if key_states.shape[-2] != 1:
+                raise ValueError("a ZipVLCache with max_cache_len takes one token per decode "
+                                 f"step (got {key_states.shape[-2]})")
+            kv_static.append(self.static, key_states, value_states)
+            return self.kernel_args()
+        if not self.split and self.owner.capacity is not None:
+            return self._first_static_step(key_states, value_states)
         if not self.split:
             self._split_prompt()
         self.res_k = torch.cat([self.res_k, key_states], dim=-2)
@@ -85,22 +109,43 @@ class ZipVLLayer(CacheLayerMixin):
         self.span = torch.cat([self.span, self.span.new_empty(0, key_states.shape[-2])], dim=-1)
         while self.res_k.shape[-2] >= self.config.residual_length + self.config.group_size:
             self._flush_group()
+        return self.kernel_args()
+
+    def _first_static_step(self, key_states, value_states) -> tuple:
+        """Split the prompt and have ``zipvl::make_static`` move it and the new token into the
+        layer's fixed buffers at run time.  Returns this step's kernel args (over the split,
+        which only lives in this step: nothing of it is kept on the layer)."""
+        split = self._take_split()
+        lo = split.lo.tensors() if split.lo is not None else (None,) * 7
+        c = self.config
+        args = (*split.hi.tensors(), *lo, torch.cat([split.res_k, key_states], dim=-2),
+                torch.cat([split.res_v, value_states], dim=-2), None, c.high_bits,
+                c.low_bits if split.lo is not None else 0, c.group_size, self.vgroup,
+                split.span.shape[-1] + key_states.shape[-2], split.evicted)
+        self.mark = kv_static.make_static(self.owner.token, self.layer_idx, *args)
+        self.keys = self.values = None
+        return args
 
     def get_seq_length(self) -> int:
+        if self.static is not None:  # a device tensor, as transformers' StaticLayer returns
+            return self.static.length[0]
         if self.split:
             return self.span.shape[-1]
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static is not None:
+            return self.static.max_len, 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.owner.capacity is None else self.owner.capacity
 
     def reset(self) -> None:
         self.keys = self.values = self.mark = None
         self.hi = self.lo = self.res_k = self.res_v = self.span = None
         self.split = self.evicted = False
+        self.static = None
         self.owner.adopted.pop(self.layer_idx, None)
 
     def reorder_cache(self, beam_idx) -> None:
@@ -121,14 +166,24 @@ class ZipVLLayer(CacheLayerMixin):
 
     def kernel_args(self) -> tuple:
         """Arguments of ``zipvl::cache_kv`` / ``zipvl::decode_attention`` (after q, mask, scale)."""
-        lo = self.lo.tensors() if self.lo is not None else (None,) * 7
         c = self.config
-        return (*self.hi.tensors(), *lo, self.res_k, self.res_v, c.high_bits,
+        st = self.static
+        if st is not None:
+            lo = st.lo.tensors() if st.lo is not None else (None,) * 7
+            return (*st.hi.tensors(), *lo, st.ring_k, st.ring_v, st.ring_pos, c.high_bits,
+                    c.low_bits if st.lo is not None else 0, c.group_size, self.vgroup,
+                    st.max_len, st.evicted)
+        lo = self.lo.tensors() if self.lo is not None else (None,) * 7
+        return (*self.hi.tensors(), *lo, self.res_k, self.res_v, None, c.high_bits,
                 c.low_bits if self.lo is not None else 0, c.group_size, self.vgroup,
                 self.span.shape[-1], self.evicted)
 
     def _split_prompt(self) -> None:
         """Adopt the split the prefill handed over, or split uniformly (see module docstring)."""
+        self.install(self._take_split())
+
+    def _take_split(self) -> kv_split.Split:
+        """The split the prefill handed over, or a uniform one (reported to ``stats()``)."""
         c = self.config
         split = self.owner.adopted.pop(self.layer_idx, None)
         if split is None or split.res_k.shape[:2] != self.keys.shape[:2]:
@@ -137,7 +192,7 @@ class ZipVLLayer(CacheLayerMixin):
                                            group_size=c.group_size, vgroup=self.vgroup)
             self.mark = handoff.note_uniform_split(self.owner.token, self.layer_idx,
                                                    self.keys.shape[-2])
-        self.install(split)
+        return split
 
     def install(self, split: kv_split.Split) -> None:
         """Make ``split`` this layer's storage (drops the unsplit prompt)."""
@@ -162,6 +217,8 @@ class ZipVLLayer(CacheLayerMixin):
         for pool in (self.hi, self.lo):
             if pool is not None:
                 out += list(pool.tensors())
+        if self.static is not None:
+            out += self.static.tensors()
         return [t for t in out if t is not None]
 
 
@@ -173,9 +230,16 @@ class ZipVLCache(Cache):
     GQA.  ``memory_bytes()`` is the device storage it holds, ``dense_bytes()`` what a 16-bit
     cache of the same tokens holds."""
 
-    def __init__(self, config: ZipVLConfig | None = None, **fields):
+    def __init__(self, config: ZipVLConfig | None = None, *, max_cache_len: int | None = None,
+                 **fields):
         config = config or ZipVLConfig()
         self.config = config.replace(**fields) if fields else config
+        if max_cache_len is not None and (isinstance(max_cache_len, bool)
+                                          or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 2):
+            raise ValueError(f"max_cache_len must be None (growing storage) or an int >= 2 "
+                             f"(prompt + generated tokens), got {max_cache_len!r}")
+        self.capacity = max_cache_len  # positions a static cache holds (None: growing)
         super().__init__(layers=[])
         self.token = torch.zeros(1)  # names this cache to the prefill kernels (handoff)
         self.adopted: dict[int, kv_split.Split] = {}  # splits handed over, not yet adopted
@@ -188,6 +252,13 @@ class ZipVLCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
     # ---- handoff.Receiver: called by the sparse prefill kernels at run time ----
+
+    def install_static(self, layer: int, hi, lo, res_k, res_v, length: int,
+                       evicted: bool) -> None:
+        """``zipvl::make_static`` at run time: layer ``layer``'s segments into fixed buffers."""
+        self.layers[layer].static = kv_static.build(
+            hi, lo, res_k, res_v, length, self.capacity, self.config.residual_length,
+            evicted)
 
     def plan(self, layer: int, keys, kept_idx, budget) -> kv_split.Plan:
         return kv_split.plan(keys.shape[-2], kept_idx, budget, self.config.residual_length)
@@ -220,6 +291,17 @@ class ZipVLCache(Cache):
         stats.update(self._stats_uids[layer], n, kept, valid,
                      path=f"kv {c.high_bits}/{c.low_bits}", reason=reason)
 
+    def capacity_exceeded(self) -> bool:
+        """With ``max_cache_len``: whether decoding ran past it in some layer (tokens that left
+        the residual window were then dropped; reads a device flag, one host sync).  Logged as
+        an error when True."""
+        over = any(bool(layer.static.overflow) for layer in self.layers
+                   if layer.static is not None)
+        if over:
+            logger.error("zipvl: ZipVLCache decoded past max_cache_len=%d: tokens were dropped; "
+                         "give a max_cache_len >= prompt + max_new_tokens", self.capacity)
+        return over
+
     # ---- memory ----
 
     def memory_bytes(self) -> int:
@@ -240,7 +322,9 @@ class ZipVLCache(Cache):
         total = 0
         for layer in self.layers:
             ref = layer.res_k if layer.split else layer.keys
+            if layer.static is not None:
+                ref = layer.static.ring_k
             if ref is not None:
                 B, Hkv, _, d = ref.shape
-                total += B * Hkv * layer.get_seq_length() * 2 * d * 2
+                total += B * Hkv * int(layer.get_seq_length()) * 2 * d * 2
         return total

@@ -8,6 +8,7 @@ Qwen2-VL).  Compiling only the language model gives one graph per phase.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -15,6 +16,7 @@ from .backend import ZipVLBackend, backend as make_backend
 from .config import ZipVLConfig
 
 RECOMPILE_LIMIT = 32  # raised process-wide by compile_language_model (see there)
+_GENERATE_COMPILE_DISABLED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _LM_ATTRS = ("language_model", "model.language_model", "model.text_model", "text_model")
 
 
@@ -56,6 +58,13 @@ def compile_language_model(model: torch.nn.Module, config: ZipVLConfig | None = 
     # the second configuration, after which Dynamo silently runs the forward eagerly.
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    # With a cache that has static shapes (ZipVLCache(max_cache_len=...), StaticCache),
+    # generate() would also wrap the whole model in its own torch.compile (Inductor, not
+    # zipvl) for decode steps: the language model compiled here already covers them.
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(generation_config, "disable_compile", None) is None:
+        generation_config.disable_compile = True
+        _GENERATE_COMPILE_DISABLED.add(model)
     find_language_model(model).compile(**kwargs)
     return zipvl
 
@@ -64,3 +73,6 @@ def uncompile_language_model(model: torch.nn.Module) -> None:
     """Undo ``compile_language_model``: the language model runs eagerly again (its compiled
     graphs stay in Dynamo's cache until ``torch._dynamo.reset()``)."""
     find_language_model(model)._compiled_call_impl = None
+    if model in _GENERATE_COMPILE_DISABLED:
+        model.generation_config.disable_compile = None
+        _GENERATE_COMPILE_DISABLED.discard(model)
