@@ -244,6 +244,10 @@ def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False):
     for B in batches:
         for n in contexts:
             for name in caches:
+                # each row compiles afresh, as a deployment with one cache type would (on the
+                # H200 with torch 2.11, recompiling the 16/16 step graph for 4/2 failed in
+                # Dynamo's fake-tensor tracing of the group quantization; not reproduced on CPU)
+                torch._dynamo.reset()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:

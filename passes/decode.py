@@ -116,8 +116,10 @@ def fusion_problem(site: AttentionSite) -> str:
     return ""
 
 
-def rewrite(gm: fx.GraphModule, site: AttentionSite, cache_kv: fx.Node) -> fx.Node:
-    """Replace the SDPA call by ``zipvl::decode_attention`` on the cache's packed segments."""
+def rewrite(gm: fx.GraphModule, site: AttentionSite, cache_kv: fx.Node,
+            uid: int = -1) -> fx.Node:
+    """Replace the SDPA call by ``zipvl::decode_attention`` on the cache's packed segments
+    (``uid``: the call's stats id, where the op reports a slower kernel)."""
     names = [a.name for a in torch.ops.zipvl.cache_kv.default._schema.arguments]
     bound = dict(zip(names, cache_kv.args))
     bound.update(cache_kv.kwargs)
@@ -125,7 +127,7 @@ def rewrite(gm: fx.GraphModule, site: AttentionSite, cache_kv: fx.Node) -> fx.No
     scale = float(site.scale) if site.scale is not None else float(d) ** -0.5
     with gm.graph.inserting_before(site.output):
         new = gm.graph.call_function(
-            DECODE, args=(site.q, site.attn_mask, scale, *(bound[n] for n in names)))
+            DECODE, args=(site.q, site.attn_mask, scale, *(bound[n] for n in names), uid))
     new.meta.update(site.output.meta)
     site.output.replace_all_uses_with(new)
     gm.graph.erase_node(site.output)

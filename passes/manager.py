@@ -73,7 +73,7 @@ class PassManager:
             path="dense" if problem else "fused-decode", reason=reason,
             kernel="" if problem else "zipvl::decode_attention"))
         if not problem:
-            decode.rewrite(gm, site, cache_kv)
+            decode.rewrite(gm, site, cache_kv, uid)
         return SiteDecision(site.name, site.module_type, site.phase, site.pattern, not problem,
                             reason, uid)
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import quant
+from . import quant, stats
 
 CHUNK = 4096  # slots per step of the chunked PyTorch implementation
 
@@ -191,19 +191,23 @@ def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: 
                      lvs: Optional[torch.Tensor], lvl: Optional[torch.Tensor],
                      lpos: Optional[torch.Tensor], rk: torch.Tensor, rv: torch.Tensor,
                      rpos: Optional[torch.Tensor], high_bits: int, low_bits: int, group: int,
-                     vgroup: int, length: int, evicted: bool) -> torch.Tensor:
-    """Fused decode attention: q [B, H, 1, d] over the cache segments -> [B, H, 1, dv]."""
+                     vgroup: int, length: int, evicted: bool, site: int = -1) -> torch.Tensor:
+    """Fused decode attention: q [B, H, 1, d] over the cache segments -> [B, H, 1, dv].
+    ``site``: the stats id of the attention call it replaces (-1: none); on CUDA inputs the
+    Triton kernels cannot take run the chunked PyTorch loop, reported there once."""
     segs = segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
                     rpos, high_bits, low_bits, group, vgroup, length)
     if q.is_cuda:
         from . import triton_decode
-        if triton_decode.supported(q, segs):
+        problem = triton_decode.problem(q, segs)
+        if not problem:
             return triton_decode.decode(q, segs, mask_bias(attn_mask, q.shape[0]), scale)
+        stats.note_slow_kernel(site, "chunked PyTorch", f"no Triton kernel: {problem}")
     return chunked(q, segs, attn_mask, scale)
 
 
 @decode_attention.register_fake
 def _(q, attn_mask, scale, hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos,
-      rk, rv, rpos, high_bits, low_bits, group, vgroup, length, evicted):
+      rk, rv, rpos, high_bits, low_bits, group, vgroup, length, evicted, site=-1):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, rv.shape[-1])

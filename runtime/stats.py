@@ -74,6 +74,20 @@ def report_dense(record: SiteRecord) -> None:
         "zipvl: %s (%s) keeps dense attention: %s", record.site, record.phase, record.reason)
 
 
+def note_slow_kernel(uid: int, kernel: str, reason: str) -> None:
+    """A site's kernel fell back to a slower exact implementation at run time: the record says
+    which and why; logged once per (site, reason).  ``uid`` -1 (no site): logged only."""
+    key = (uid, kernel, reason)
+    if key in _reported:
+        return
+    _reported.add(key)
+    name = "an attention call"
+    if uid in _sites:
+        rec = _sites[uid].record
+        rec.kernel, rec.reason, name = kernel, reason, rec.site
+    logger.warning("zipvl: %s runs the %s kernel: %s", name, kernel, reason)
+
+
 def site_name(uid: int) -> str:
     return _sites[uid].record.site
 

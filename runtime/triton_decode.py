@@ -29,17 +29,35 @@ MIN_TILES = 1         # tiles per chunk at least
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 
 
-def supported(q: torch.Tensor, segs) -> bool:
-    """Head dim a power of two >= 16 (>= 64 with 2-bit codes: a plane of a tile must feed
-    ``tl.dot``), values of the same head dim, at most 16 query heads per KV head, key groups a
-    multiple of 16 slots (a tile must lie inside one group)."""
+def problem(q: torch.Tensor, segs) -> str:
+    """'' when the kernels handle these inputs, else why not: head dim a power of two >= 16,
+    values of the same head dim, at most 16 query heads per KV head, one query, key groups a
+    multiple of 16 slots (a tile must lie inside one group), >= 16 bytes of codes per token (a
+    plane of a tile must feed ``tl.dot``: head dim >= 64 at 2 bits, >= 32 at 4 bits)."""
     d = q.shape[-1]
     g = q.shape[1] // segs[0].kd.shape[1]
-    return (d >= 16 and d & (d - 1) == 0 and g <= QROWS and q.shape[2] == 1
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and all(s.bits == 16 and s.vd.shape[-1] == d
-                    or (s.group % 16 == 0 and d % s.vgroup == 0 and d * s.bits // 8 >= 16)
-                    for s in segs))
+    if d < 16 or d & (d - 1):
+        return f"head dim {d} is not a power of two >= 16"
+    if g > QROWS:
+        return f"{g} query heads per KV head (at most {QROWS})"
+    if q.shape[2] != 1:
+        return f"{q.shape[2]} queries per sequence (one per decode step)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"query dtype {q.dtype}"
+    for s in segs:
+        if s.bits == 16:
+            if s.vd.shape[-1] != d:
+                return f"value head dim {s.vd.shape[-1]} differs from the key head dim {d}"
+        elif s.group % 16 or d % s.vgroup:
+            return f"key group {s.group} is not a multiple of 16 or value group {s.vgroup} " \
+                   f"does not divide the head dim {d}"
+        elif d * s.bits // 8 < 16:
+            return f"{d * s.bits // 8} bytes of {s.bits}-bit codes per token (at least 16)"
+    return ""
+
+
+def supported(q: torch.Tensor, segs) -> bool:
+    return not problem(q, segs)
 
 
 def _tile(seg, dtype: torch.dtype) -> int:

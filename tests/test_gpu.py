@@ -168,6 +168,11 @@ def test_compiled_generate_with_zipvl_cache_on_cuda():
     cache = ZipVLCache(**small)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert out.shape == expected.shape and cache.layers[0].lo is not None
+    # head dim 16 at 4 bits: 8 bytes of codes per token, below a Triton tile's 16: the chunked
+    # loop runs, and the decode sites say so
+    decode = [r for r in zipvl_compile.stats() if r.phase == "decode"]
+    assert decode and all(r.kernel == "chunked PyTorch" and "bytes of 4-bit codes" in r.reason
+                          for r in decode)
 
 
 @pytest.mark.parametrize("hb,lb", [(4, 2), (4, 0), (16, 16)])

@@ -194,3 +194,19 @@ def test_slot_layout_pads_groups_with_members_of_the_same_sequence():
     gather, pos = kv_pool.slot_positions(member, [3, 1], 4)
     assert pos.tolist() == [[0, 2, 3, -1], [4, -1, -1, -1]]
     assert gather.tolist() == [[0, 2, 3, 3], [4, 4, 4, 4]]
+
+
+def test_a_slower_decode_kernel_is_recorded_on_its_site_once(caplog):
+    """What ``zipvl::decode_attention`` does when the Triton kernels cannot take its inputs on
+    CUDA: the site's stats record names the kernel it ran and why, logged once."""
+    from zipvl_compile.runtime import stats
+
+    uid = stats.register(stats.SiteRecord(site="layers.0.self_attn", phase="decode",
+                                          path="fused-decode", kernel="zipvl::decode_attention"))
+    with caplog.at_level("WARNING", logger="zipvl_compile"):
+        for _ in range(3):
+            stats.note_slow_kernel(uid, "chunked PyTorch", "no Triton kernel: head dim 8")
+    rec = [r for r in zipvl_compile.stats() if r.site == "layers.0.self_attn"][-1]
+    assert (rec.path, rec.kernel, rec.reason) == ("fused-decode", "chunked PyTorch",
+                                                  "no Triton kernel: head dim 8")
+    assert sum("chunked PyTorch" in m for m in caplog.messages) == 1

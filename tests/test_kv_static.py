@@ -111,7 +111,7 @@ def test_compiled_generate_with_static_storage_compiles_three_graphs_and_matches
     backend = zipvl_compile.compile_language_model(model, inductor=False, ratio=1.0)
     assert model.generation_config.disable_compile is True
     kw = dict(high_bits=16, low_bits=16, group_size=8, residual_length=4)
-    graphs = []
+    graphs = [counters["stats"]["unique_graphs"]]
     for steps in (12, 24):
         cache = ZipVLCache(max_cache_len=inputs["input_ids"].shape[1] + 24, **kw)
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=steps,
@@ -119,7 +119,7 @@ def test_compiled_generate_with_static_storage_compiles_three_graphs_and_matches
         assert torch.equal(out, expected[:, :out.shape[1]])
         assert all(layer.static is not None for layer in cache.layers)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] == graphs[1] == 3
+    assert graphs[1] - graphs[0] == 3 and graphs[2] == graphs[1]
     fused = [d for d in backend.decisions if d.phase == "decode"]
     assert fused and all(d.sparse for d in fused)
     zipvl_compile.uncompile_language_model(model)
