@@ -124,3 +124,26 @@ def test_compiled_generate_with_static_storage_compiles_three_graphs_and_matches
     assert fused and all(d.sparse for d in fused)
     zipvl_compile.uncompile_language_model(model)
     assert model.generation_config.disable_compile is None
+
+
+@torch.no_grad()
+def test_prompts_of_several_lengths_recompile_each_phase_at_most_once():
+    """Prefill, the step that builds the static storage and the steady step compile for the
+    first prompt, once more (dynamic) for a second length, and never again."""
+    from torch._dynamo.utils import counters
+
+    from zipvl_compile import tiny_models
+
+    model, inputs = tiny_models.llava()
+    zipvl_compile.compile_language_model(model, inductor=False, recent_probes=4,
+                                         random_probes=4, keep_recent=2)
+    new = []
+    for extra in (0, 5, 11, 17):
+        ids = torch.cat([inputs["input_ids"], torch.arange(30, 30 + extra)[None]], 1)
+        before = counters["stats"]["unique_graphs"]
+        cache = ZipVLCache(max_cache_len=ids.shape[1] + 20, group_size=8, residual_length=4)
+        model.generate(**dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids)),
+                       past_key_values=cache, max_new_tokens=20, do_sample=False)
+        assert int(cache.layers[0].static.length) == ids.shape[1] + 19
+        new.append(counters["stats"]["unique_graphs"] - before)
+    assert new == [3, 3, 0, 0]
