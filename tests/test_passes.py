@@ -190,7 +190,7 @@ def test_mask_that_does_not_cover_the_sequence_stays_dense():
     assert "does not cover" in only_site(be).reason
 
 
-def test_a_mask_shared_by_every_layer_is_summarized_once_per_graph():
+def test_a_mask_shared_by_every_layer_is_realized_and_summarized_once_per_graph():
     from toy import padding_mask
     from zipvl_compile.runtime.prefill import mask_summary_for
 
@@ -212,6 +212,12 @@ def test_a_mask_shared_by_every_layer_is_summarized_once_per_graph():
     (gm,) = graphs
     summaries = [n for n in gm.graph.nodes if n.target is mask_summary_for]
     assert sum(d.sparse for d in zipvl.decisions) == 3 and len(summaries) == 1
+    # the model's mask feeds one copy, which every rewritten layer reads (Inductor would
+    # otherwise materialize an index-built mask once per consuming opaque op)
+    (realized,) = [n for n in gm.graph.nodes if n.target is torch.ops.zipvl.realize_mask.default]
+    assert [u.target for u in realized.args[0].users] == [torch.ops.zipvl.realize_mask.default]
+    assert summaries[0].args[0] is realized
+    assert sum(u.target is not mask_summary_for for u in realized.users) == 3
 
 
 def test_attention_feeding_attention_directly_is_rewritten_in_order():
