@@ -1,6 +1,7 @@
 """PNG of ``benchmarks/end_to_end.py`` results: TTFT and decode throughput against context length.
 
-    python benchmarks/plot_end_to_end.py --ttft benchmarks/results/end_to_end_ttft_h100.json \\
+    python benchmarks/plot_end_to_end.py \\
+        --ttft benchmarks/results/end_to_end_ttft_realize_mask_h100.json \\
         --decode benchmarks/results/end_to_end_decode_cudagraphs_b1_h100.json \\
         --out benchmarks/results/end_to_end_h100.png
 
