@@ -84,12 +84,10 @@ def build(hi: kv_pool.Pool, lo: kv_pool.Pool | None, res_k: torch.Tensor, res_v:
     used = hi.slots
     slots = used + groups * G
     size = slots + G                                  # + the scratch group
-    kq, vq = hi.keys, hi.values
-    per_group = kq.bits != 16  # key scales are per group of slots, value scales per slot
-    keys = quant.Quantized(_grow(kq.data, 2, size), _grow(kq.scale, 2, size // G if per_group
-                                                          else size, 1),
-                           _grow(kq.low, 2, size // G if per_group else size),
-                           kq.bits, kq.group_size, kq.per_channel, kq.dtype)
+    kq, vq = hi.keys, hi.values  # key scales: one per group of slots; value scales: per slot
+    keys = quant.Quantized(_grow(kq.data, 2, size), _grow(kq.scale, 2, size // G, 1),
+                           _grow(kq.low, 2, size // G), kq.bits, kq.group_size, kq.per_channel,
+                           kq.dtype)
     values = quant.Quantized(_grow(vq.data, 2, size), _grow(vq.scale, 2, size, 1),
                              _grow(vq.low, 2, size), vq.bits, vq.group_size, vq.per_channel,
                              vq.dtype)

@@ -147,3 +147,11 @@ def test_prompts_of_several_lengths_recompile_each_phase_at_most_once():
         assert int(cache.layers[0].static.length) == ids.shape[1] + 19
         new.append(counters["stats"]["unique_graphs"] - before)
     assert new == [3, 3, 0, 0]
+
+
+def test_a_missing_static_installation_is_an_error_not_an_empty_cache():
+    cache, *_ = static_cache(ZipVLConfig(**CFG), decode=2)
+    layer = cache.layers[0]
+    layer.static = None  # as if zipvl::make_static had been skipped
+    with pytest.raises(RuntimeError, match="never installed"):
+        cache.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16), 0)

@@ -58,6 +58,7 @@ class ZipVLLayer(CacheLayerMixin):
         self.span = None  # [0, L] tensor: its last dimension is the cached length, as a shape
         self.mark = None
         self.static: kv_static.StaticLayer | None = None  # with max_cache_len, after step 1
+        self.moving = False  # the first decode step asked for ``static`` (make_static)
 
     @property
     def is_compileable(self) -> bool:
@@ -81,7 +82,12 @@ class ZipVLLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.split and self.keys is None and self.static is None:  # the prompt
+        if self.moving and self.static is None:
+            raise RuntimeError(
+                f"ZipVLCache layer {self.layer_idx}: the fixed buffers of its first decode step "
+                "were never installed (zipvl::make_static did not run, e.g. because its graph "
+                "was replayed from a CUDA graph); decoding on would read an empty cache")
+        if not self.split and self.keys is None and not self.moving:  # the prompt
             limit = self.owner.capacity
             if limit is not None and key_states.shape[-2] >= limit:
                 raise ValueError(f"max_cache_len={limit} leaves no room to decode after a "
@@ -124,6 +130,7 @@ class ZipVLLayer(CacheLayerMixin):
                 split.span.shape[-1] + key_states.shape[-2], split.evicted)
         self.mark = kv_static.make_static(self.owner.token, self.layer_idx, *args)
         self.keys = self.values = None
+        self.moving = True
         return args
 
     def get_seq_length(self) -> int:
@@ -144,7 +151,7 @@ class ZipVLLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.mark = None
         self.hi = self.lo = self.res_k = self.res_v = self.span = None
-        self.split = self.evicted = False
+        self.split = self.evicted = self.moving = False
         self.static = None
         self.owner.adopted.pop(self.layer_idx, None)
 
