@@ -34,10 +34,11 @@ def toy_vlm(n: int):
                 harness.Setting("zipvl tau=0.975", dict(tau=0.975, **PROBES)),
                 harness.Setting("zipvl tau=0.975 + ZipVLCache 4/2", dict(tau=0.975, **PROBES),
                                 (4, 2))]
+    data = harness.ToyQuestions(model, n=n, grid=grid)
     results = []
     with torch.no_grad():
         for s in settings:
-            results += harness.evaluate(model, s, n=n, batch=n, grid=grid,
+            results += harness.evaluate(data, s, batch=n,
                                         cache_sizes=dict(group_size=32, residual_length=16))
     answers = ", ".join(f"{r.setting}: {r.predicted[0] - task.DIGIT0}" for r in results
                         if r.level == "hard")
@@ -47,6 +48,7 @@ def toy_vlm(n: int):
           "tokens\n" + harness.table(results))
     print("\nkept ratio per layer")
     print(harness.layer_table(results))
+    return results
 
 
 def transformers_models():
@@ -80,15 +82,16 @@ def transformers_models():
         print(zipvl_compile.format_stats())
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=32, help="questions per difficulty level")
     ap.add_argument("--transformers", action="store_true",
                     help="also run tiny random-weight Qwen2-VL and LLaVA through generate()")
-    args = ap.parse_args()
-    toy_vlm(args.n)
+    args = ap.parse_args(argv)
+    results = toy_vlm(args.n)
     if args.transformers:
         transformers_models()
+    return results
 
 
 if __name__ == "__main__":
