@@ -185,7 +185,6 @@ def zipvl_cache(cfg, B, n, gen, high_bits, low_bits, max_len=None):
     """A ZipVLCache as the backend leaves it after a prefill keeping a random half (with
     ``max_len``: in the fixed buffers its first decode step moves it to)."""
     from zipvl_compile.cache import ZipVLLayer
-    from zipvl_compile.runtime import kv_static
 
     cache = ZipVLCache(high_bits=high_bits, low_bits=low_bits, max_cache_len=max_len)
     c = cache.config
@@ -203,12 +202,12 @@ def zipvl_cache(cfg, B, n, gen, high_bits, low_bits, max_len=None):
                                              vgroup=min(c.group_size, d))
         layer = ZipVLLayer(cache, i)
         layer.lazy_initialization(k, v)
+        cache.layers.append(layer)
         if max_len is None:
             layer.install(split)
         else:
-            layer.static = kv_static.build(split.hi, split.lo, split.res_k, split.res_v, n,
-                                           max_len, c.residual_length, split.evicted)
-        cache.layers.append(layer)
+            cache.install_static(i, split.hi, split.lo, split.res_k, split.res_v, n,
+                                 split.evicted)
         del split
         del k, v
     return cache

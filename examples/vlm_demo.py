@@ -19,8 +19,6 @@ import zipvl_compile
 from zipvl_compile import eval as harness
 from zipvl_compile.toyvlm import task
 
-PROBES = dict(recent_probes=8, random_probes=32, keep_recent=4)  # scaled to ~580 tokens
-
 
 def toy_vlm(n: int):
     model, meta = harness.load_toyvlm()
@@ -30,16 +28,14 @@ def toy_vlm(n: int):
     print(f"=== toy VLM: {grid}x{grid} patches ({grid * grid} visual tokens), "
           f"{n} held-out questions per level")
     print(f"trained with: {meta['command']}\n")
-    settings = [harness.Setting("dense"),
-                harness.Setting("zipvl tau=0.975", dict(tau=0.975, **PROBES)),
-                harness.Setting("zipvl tau=0.975 + ZipVLCache 4/2", dict(tau=0.975, **PROBES),
-                                (4, 2))]
+    sparse = dict(tau=0.975, **harness.TOY_PROBES)  # probe counts scaled to ~580 tokens
+    settings = [harness.Setting("dense"), harness.Setting("zipvl tau=0.975", sparse),
+                harness.Setting("zipvl tau=0.975 + ZipVLCache 4/2", sparse, (4, 2))]
     data = harness.ToyQuestions(model, n=n, grid=grid)
     results = []
     with torch.no_grad():
         for s in settings:
-            results += harness.evaluate(data, s, batch=n,
-                                        cache_sizes=dict(group_size=32, residual_length=16))
+            results += harness.evaluate(data, s, batch=n, cache_sizes=harness.TOY_CACHE)
     answers = ", ".join(f"{r.setting}: {r.predicted[0] - task.DIGIT0}" for r in results
                         if r.level == "hard")
     print(f"first hard question: how many {colour} patches?  "

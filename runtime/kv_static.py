@@ -92,7 +92,8 @@ def build(hi: kv_pool.Pool, lo: kv_pool.Pool | None, res_k: torch.Tensor, res_v:
                              _grow(vq.low, 2, size), vq.bits, vq.group_size, vq.per_channel,
                              vq.dtype)
     pool = kv_pool.Pool(keys, values, _grow(hi.pos, 1, size, -1))
-    positions = torch.arange(length - r, length, device=res_k.device)
+    dev = res_k.device
+    positions = torch.arange(length - r, length, device=dev)
     slot = positions % W
     # empty ring slots repeat the oldest residual token: a partly empty region quantizes
     # without widening its ranges (its empty slots stay masked by pos = -1)
@@ -100,9 +101,8 @@ def build(hi: kv_pool.Pool, lo: kv_pool.Pool | None, res_k: torch.Tensor, res_v:
     ring_v = res_v[:, :, :1].expand(B, Hkv, W, d).clone() if r else res_v.new_zeros(B, Hkv, W, d)
     ring_k[:, :, slot] = res_k
     ring_v[:, :, slot] = res_v
-    ring_pos = torch.full((B, W), -1, dtype=torch.int32, device=res_k.device)
+    ring_pos = torch.full((B, W), -1, dtype=torch.int32, device=dev)
     ring_pos[:, slot] = positions.to(torch.int32)
-    dev = res_k.device
     if lo is not None:  # a copy too: the inputs may live in a CUDA graph's reused memory
         lo = pool_from(*(t.clone() if t is not None else None for t in lo.tensors()), lo.bits,
                        lo.keys.group_size, lo.values.group_size, lo.keys.dtype)
@@ -123,10 +123,12 @@ def append(layer: StaticLayer, k: torch.Tensor, v: torch.Tensor) -> None:
     t = layer.length                                   # [1]
     s = t % W
     region = (s // G) * G + torch.arange(G, device=dev)  # ring slots of s's group region
-    flush = (s % G == 0) & (layer.ring_pos.index_select(1, region) >= 0).any()
+    region_pos = layer.ring_pos.index_select(1, region)    # [B, G]
+    flush = (s % G == 0) & (region_pos >= 0).any()
     room = layer.next_slot + G <= layer.scratch
     layer.overflow.logical_or_(flush & ~room)
-    target = torch.where(flush & room, layer.next_slot, layer.scratch)  # [1], group-aligned
+    kept = flush & room                                 # the region moves into the pool
+    target = torch.where(kept, layer.next_slot, layer.scratch)  # [1], group-aligned
     slots = target + torch.arange(G, device=dev)
     rk = layer.ring_k.index_select(2, region)
     rv = layer.ring_v.index_select(2, region)
@@ -139,11 +141,9 @@ def append(layer: StaticLayer, k: torch.Tensor, v: torch.Tensor) -> None:
         hi.keys.low.index_copy_(2, target // G, kq.low)
         hi.values.scale.index_copy_(2, slots, vq.scale)
         hi.values.low.index_copy_(2, slots, vq.low)
-    moved = torch.where(flush & room, layer.ring_pos.index_select(1, region), -1)
-    hi.pos.index_copy_(1, slots, moved)
-    layer.ring_pos.index_copy_(1, region, torch.where(flush, -1,
-                                                      layer.ring_pos.index_select(1, region)))
-    layer.next_slot.add_(torch.where(flush & room, G, 0))
+    hi.pos.index_copy_(1, slots, torch.where(kept, region_pos, -1))
+    layer.ring_pos.index_copy_(1, region, torch.where(flush, -1, region_pos))
+    layer.next_slot.add_(torch.where(kept, G, 0))
     layer.ring_k.index_copy_(2, s, k)
     layer.ring_v.index_copy_(2, s, v)
     B = k.shape[0]

@@ -56,10 +56,6 @@ def problem(q: torch.Tensor, segs) -> str:
     return ""
 
 
-def supported(q: torch.Tensor, segs) -> bool:
-    return not problem(q, segs)
-
-
 def _tile(seg, dtype: torch.dtype) -> int:
     """Slots per tile: BLOCK_N (at most 64 with fp32 queries, whose fp32 operand tiles of 128
     slots exceed the shared memory), or less so that a tile lies inside one key group."""

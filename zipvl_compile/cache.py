@@ -122,12 +122,10 @@ class ZipVLLayer(CacheLayerMixin):
         layer's fixed buffers at run time.  Returns this step's kernel args (over the split,
         which only lives in this step: nothing of it is kept on the layer)."""
         split = self._take_split()
-        lo = split.lo.tensors() if split.lo is not None else (None,) * 7
-        c = self.config
-        args = (*split.hi.tensors(), *lo, torch.cat([split.res_k, key_states], dim=-2),
-                torch.cat([split.res_v, value_states], dim=-2), None, c.high_bits,
-                c.low_bits if split.lo is not None else 0, c.group_size, self.vgroup,
-                split.span.shape[-1] + key_states.shape[-2], split.evicted)
+        args = self._segment_args(split.hi, split.lo,
+                                  torch.cat([split.res_k, key_states], dim=-2),
+                                  torch.cat([split.res_v, value_states], dim=-2), None,
+                                  split.span.shape[-1] + key_states.shape[-2], split.evicted)
         self.mark = kv_static.make_static(self.owner.token, self.layer_idx, *args)
         self.keys = self.values = None
         self.moving = True
@@ -173,17 +171,19 @@ class ZipVLLayer(CacheLayerMixin):
 
     def kernel_args(self) -> tuple:
         """Arguments of ``zipvl::cache_kv`` / ``zipvl::decode_attention`` (after q, mask, scale)."""
-        c = self.config
         st = self.static
         if st is not None:
-            lo = st.lo.tensors() if st.lo is not None else (None,) * 7
-            return (*st.hi.tensors(), *lo, st.ring_k, st.ring_v, st.ring_pos, c.high_bits,
-                    c.low_bits if st.lo is not None else 0, c.group_size, self.vgroup,
-                    st.max_len, st.evicted)
-        lo = self.lo.tensors() if self.lo is not None else (None,) * 7
-        return (*self.hi.tensors(), *lo, self.res_k, self.res_v, None, c.high_bits,
-                c.low_bits if self.lo is not None else 0, c.group_size, self.vgroup,
-                self.span.shape[-1], self.evicted)
+            return self._segment_args(st.hi, st.lo, st.ring_k, st.ring_v, st.ring_pos,
+                                      st.max_len, st.evicted)
+        return self._segment_args(self.hi, self.lo, self.res_k, self.res_v, None,
+                                  self.span.shape[-1], self.evicted)
+
+    def _segment_args(self, hi, lo, res_k, res_v, res_pos, length, evicted) -> tuple:
+        """``kernel_args()`` of these pools (``lo`` may be None) and residual window."""
+        c = self.config
+        lo_tensors = lo.tensors() if lo is not None else (None,) * 7
+        return (*hi.tensors(), *lo_tensors, res_k, res_v, res_pos, c.high_bits,
+                c.low_bits if lo is not None else 0, c.group_size, self.vgroup, length, evicted)
 
     def _split_prompt(self) -> None:
         """Adopt the split the prefill handed over, or split uniformly (see module docstring)."""

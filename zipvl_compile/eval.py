@@ -37,6 +37,10 @@ from .toyvlm import task
 
 SHIPPED = Path(__file__).parent / "toyvlm" / "toyvlm.safetensors"
 EVAL_SEED = 10 ** 9  # held-out seeds: the training stream never reaches them
+# Probe counts and cache sizes scaled to the toy's few hundred tokens (ZipVLConfig's defaults
+# are sized for tens of thousands)
+TOY_PROBES = dict(recent_probes=8, random_probes=32, keep_recent=4)
+TOY_CACHE = dict(group_size=32, residual_length=16)
 
 
 @dataclass(frozen=True)
@@ -294,8 +298,7 @@ def main(argv=None):
         data = ToyQuestions(model, n=args.n, grid=args.grid or model.config.grid)
         source = (f"{args.weights or SHIPPED} (recorded dense accuracy "
                   f"{meta.get('accuracy', '?')})")
-        defaults = dict(recent_probes=8, random_probes=32, keep_recent=4, group_size=32,
-                        residual_length=16, batch=64)
+        defaults = dict(TOY_PROBES, **TOY_CACHE, batch=64)
     else:
         from . import eval_hf
         from .config import ZipVLConfig

@@ -61,9 +61,9 @@ def compile_language_model(model: torch.nn.Module, config: ZipVLConfig | None = 
     # With a cache that has static shapes (ZipVLCache(max_cache_len=...), StaticCache),
     # generate() would also wrap the whole model in its own torch.compile (Inductor, not
     # zipvl) for decode steps: the language model compiled here already covers them.
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and getattr(generation_config, "disable_compile", None) is None:
-        generation_config.disable_compile = True
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(generation, "disable_compile", None) is None:
+        generation.disable_compile = True
         _GENERATE_COMPILE_DISABLED.add(model)
     find_language_model(model).compile(**kwargs)
     return zipvl
