@@ -116,15 +116,13 @@ def sweep(n, batches):
         v = torch.randn_like(k)
         cache = mixed_cache(k, v, 4, 2, gen)
         read = nbytes(cache)
-        for magic, pps, warps, block, min_tiles in itertools.product(
-                (True, False), (4, 16), (4, 8), (64, 128), (1, 4)):
-            (td.USE_MAGIC, td.PROGRAMS_PER_SM, td.NUM_WARPS, td.BLOCK_N,
-             td.MIN_TILES) = magic, pps, warps, block, min_tiles
+        for stages, pps, warps, block in itertools.product((2, 3), (4, 8, 16), (2, 4, 8),
+                                                           (64, 128)):
+            td.NUM_STAGES, td.PROGRAMS_PER_SM, td.NUM_WARPS, td.BLOCK_N = stages, pps, warps, block
             t = gpu_time(lambda: torch.ops.zipvl.decode_attention(q, None, D ** -0.5, *cache))
-            rows.append([B, magic, pps, warps, block, min_tiles, f"{t * 1e6:.1f}",
-                         f"{read / t / 1e12:.2f}"])
-    print(tabulate(rows, headers=["batch", "int-op codes", "programs/SM", "warps", "block",
-                                  "min tiles", "us", "TB/s"]))
+            rows.append([B, stages, pps, warps, block, f"{t * 1e6:.1f}", f"{read / t / 1e12:.2f}"])
+    print(tabulate(rows, headers=["batch", "stages", "programs/SM", "warps", "block", "us",
+                                  "TB/s"]))
 
 
 def main():

@@ -146,7 +146,7 @@ def ttft(shape, contexts, reps, variants, skip=(), profile=False):
     return rows
 
 
-def profile_table(run, top=18):
+def profile_table(run, top=30):
     """The ``top`` GPU kernels of one run by total device time."""
     from torch.profiler import ProfilerActivity, profile
 

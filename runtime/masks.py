@@ -46,11 +46,25 @@ def valid_tokens(mask4: torch.Tensor) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 27  # mask entries per step of mask_kind (128 MiB of bool)
 
 
-def mask_kind(mask4: torch.Tensor) -> torch.Tensor:
+def mask_kind(mask4: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, n, n] mask -> 0-dim int64 tensor: STANDARD, CAUSAL or NONCAUSAL (whole batch).
 
-    Reads ``CHUNK_ELEMENTS`` entries at a time: no temporary of the mask's size."""
-    valid = valid_tokens(mask4)
+    ``valid``: its ``valid_tokens`` if known.  On CUDA one Triton pass over the mask
+    (``triton_masks``); elsewhere ``CHUNK_ELEMENTS`` entries at a time: no temporary of the
+    mask's size."""
+    valid = valid_tokens(mask4) if valid is None else valid
+    if mask4.is_cuda:
+        from . import triton_masks
+
+        ahead, mismatch = triton_masks.scan(mask4, valid).bool().unbind()
+    else:
+        ahead, mismatch = _scan_chunked(mask4, valid)
+    return torch.where(ahead, NONCAUSAL, torch.where(mismatch, CAUSAL, STANDARD)).long()
+
+
+def _scan_chunked(mask4: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(looks ahead on a valid row, differs from causal & valid keys on a valid row or carries
+    a bias), as 0-dim bools, reading ``CHUNK_ELEMENTS`` entries at a time."""
     n = mask4.shape[-1]
     pos = torch.arange(n, device=mask4.device)
     ahead = torch.zeros((), dtype=torch.bool, device=mask4.device)
@@ -66,7 +80,7 @@ def mask_kind(mask4: torch.Tensor) -> torch.Tensor:
         b = bias(rows)
         if b is not None:
             mismatch |= (b != 0).any()
-    return torch.where(ahead, NONCAUSAL, torch.where(mismatch, CAUSAL, STANDARD)).long()
+    return ahead, mismatch
 
 
 # ---- opaque ops for compiled graphs ---------------------------------------------------------------
@@ -95,7 +109,8 @@ def _(mask):
 @torch.library.custom_op("zipvl::mask_summary", mutates_args=())
 def mask_summary(mask4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, 1, n, n] mask -> (``valid_tokens`` [B, n] bool, ``mask_kind`` 0-dim int64)."""
-    return valid_tokens(mask4).clone(), mask_kind(mask4)  # clone: not a view of the input
+    valid = valid_tokens(mask4).clone()  # clone: not a view of the input
+    return valid, mask_kind(mask4, valid)
 
 
 @mask_summary.register_fake

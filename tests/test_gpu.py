@@ -108,6 +108,51 @@ def test_sliding_window_mask_on_cuda(dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("n", [37, 1500])
+def test_triton_mask_kind_matches_the_chunked_scan(n):
+    """masks.mask_kind on CUDA (one Triton pass) against the PyTorch chunked scan, on masks of
+    every kind, bool and additive, expanded and padded, at lengths that are not tile multiples;
+    each altered case flips one fresh random entry."""
+    from zipvl_compile.runtime import masks
+
+    gen = torch.Generator().manual_seed(n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    padded = causal.repeat(2, 1, 1, 1)
+    padded[0, ..., : n // 5] = False  # left padding of sequence 0
+    r, c = sorted(int(x) for x in torch.randint(1, n, (2,), generator=gen))
+    ahead = padded.clone()
+    ahead[1, 0, r - 1, c] = True  # one valid row looks ahead once
+    drop = padded.clone()
+    drop[1, 0, c - 1, r - 1] = False  # one allowed causal entry blocked: still causal
+    window = causal & ~torch.ones(n, n, dtype=torch.bool).tril(-16)
+    additive = torch.zeros(1, 1, n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+    biased = additive.clone()
+    biased[0, 0, c - 1, r - 1] = 0.25
+    cases = {"causal": (causal.expand(2, 1, n, n), masks.STANDARD),
+             "padded": (padded, masks.STANDARD), "ahead": (ahead, masks.NONCAUSAL),
+             "drop": (drop, masks.CAUSAL), "window": (window, masks.CAUSAL),
+             "additive": (additive, masks.STANDARD), "bf16": (additive.bfloat16(), masks.STANDARD),
+             "biased": (biased, masks.CAUSAL)}
+    for name, (mask, kind) in cases.items():
+        valid = masks.valid_tokens(mask)
+        ahead_ref, mismatch_ref = masks._scan_chunked(mask, valid)
+        ref = 2 if ahead_ref else int(mismatch_ref)
+        got = int(masks.mask_kind(mask.cuda()))
+        assert (got, ref) == (kind, kind), name
+
+
+def test_triton_mask_kind_past_two_to_the_31_entries():
+    """A mask of more than 2**31 entries (offsets need 64 bits): an entry in the last rows is
+    read where it is."""
+    from zipvl_compile.runtime import masks
+
+    n = 46400
+    mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril_()[None, None]
+    assert int(masks.mask_kind(mask)) == masks.STANDARD
+    mask[0, 0, n - 2, n - 1] = True
+    assert int(masks.mask_kind(mask)) == masks.NONCAUSAL
+
+
 # ---- mixed-precision KV cache: the Triton decode kernel ---------------------------------------
 
 DECODE_BITS = [(16, 16), (8, 8), (8, 4), (4, 4), (4, 2), (4, 0), (2, 2), (16, 0)]
