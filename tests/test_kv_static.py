@@ -155,3 +155,30 @@ def test_a_missing_static_installation_is_an_error_not_an_empty_cache():
     layer.static = None  # as if zipvl::make_static had been skipped
     with pytest.raises(RuntimeError, match="never installed"):
         cache.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16), 0)
+
+
+def test_buffers_installed_directly_are_past_the_prompt():
+    """A cache whose fixed buffers are installed directly (``install_static``: how the
+    end-to-end benchmark builds a 128K cache without running a prefill) takes the next token as
+    a decode step: 16/16 then holds exactly the K/V it was given."""
+    from zipvl_compile.cache import ZipVLLayer
+    from zipvl_compile.runtime import kv_split
+
+    config = ZipVLConfig(high_bits=16, low_bits=16, **CFG)
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, n, d = 2, 2, 70, 16
+    k = torch.randn(B, Hkv, n + 1, d, generator=gen)
+    v = torch.randn(B, Hkv, n + 1, d, generator=gen)
+    cache = ZipVLCache(config, max_cache_len=n + 8)
+    kept_idx, budget = kept_selection(n, [35, 20], gen)
+    plan = kv_split.plan(n, kept_idx, budget, config.residual_length)
+    split = kv_split.split_by_importance(k[:, :, :n], v[:, :, :n], plan, plan.counts.tolist(),
+                                         high_bits=16, low_bits=16, group_size=config.group_size,
+                                         vgroup=min(config.group_size, d))
+    layer = ZipVLLayer(cache, 0)
+    layer.lazy_initialization(k, v)
+    cache.layers.append(layer)
+    cache.install_static(0, split.hi, split.lo, split.res_k, split.res_v, n, split.evicted)
+    keys, values = cache.update(k[:, :, n:], v[:, :, n:], 0)
+    assert keys.shape[-2] >= n + 1 and int(layer.static.length[0]) == n + 1
+    assert torch.equal(keys[:, :, :n + 1], k) and torch.equal(values[:, :, :n + 1], v)

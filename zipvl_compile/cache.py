@@ -87,7 +87,8 @@ class ZipVLLayer(CacheLayerMixin):
                 f"ZipVLCache layer {self.layer_idx}: the fixed buffers of its first decode step "
                 "were never installed (zipvl::make_static did not run, e.g. because its graph "
                 "was replayed from a CUDA graph); decoding on would read an empty cache")
-        if not self.split and self.keys is None and not self.moving:  # the prompt
+        if not self.split and self.keys is None and not self.moving and self.static is None:
+            # the prompt
             limit = self.owner.capacity
             if limit is not None and key_states.shape[-2] >= limit:
                 raise ValueError(f"max_cache_len={limit} leaves no room to decode after a "
