@@ -1,4 +1,4 @@
-"""One decode step of attention for a Qwen2-7B layer over a long KV cache (issue 3's benchmark).
+"""One decode step of attention for a Qwen2-7B (or LLaVA-7B: --shape) layer over a long KV cache.
 
 28 query heads, 4 KV heads, head dim 128, bf16.  Baseline: PyTorch SDPA over the bf16 cache
 (every available backend -- flash, cuDNN, efficient -- is timed and the fastest is the
@@ -26,6 +26,7 @@ sys.path.insert(0, ".")
 from zipvl_compile.runtime import decode_attention as da, kv_split  # noqa: E402
 
 H, HKV, D = 28, 4, 128
+SHAPES = {"qwen2-7b": (28, 4), "llava-7b": (32, 32)}  # (query heads, KV heads), head dim 128
 
 
 def gpu_time(fn, reps=20, graph=True) -> float:
@@ -132,17 +133,22 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--bits", nargs="+", default=["4/2", "4/0"],
                     help="cache settings high/low to time (default: 4/2 4/0)")
+    ap.add_argument("--shape", choices=list(SHAPES), default="qwen2-7b",
+                    help="head layout of the layer (default: Qwen2-7B, 7 query heads per KV head)")
     ap.add_argument("--sweep", action="store_true",
                     help="time kernel launch parameters at the largest context, then exit")
     args = ap.parse_args()
     from tabulate import tabulate
 
+    global H, HKV
+    H, HKV = SHAPES[args.shape]
     if args.sweep:
         return sweep(max(args.contexts), args.batches)
 
     copy_bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"device-to-device copy {copy_bw / 1e12:.2f} TB/s")
+          f"device-to-device copy {copy_bw / 1e12:.2f} TB/s  layer: {H} query heads, {HKV} KV "
+          f"heads, head dim {D}")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for B in args.batches:
@@ -185,6 +191,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           shape=args.shape, heads=H, kv_heads=HKV,
                            copy_tbps=copy_bw / 1e12, rows=rows), f, indent=1)
 
 

@@ -159,12 +159,9 @@ DECODE_BITS = [(16, 16), (8, 8), (8, 4), (4, 4), (4, 2), (4, 0), (2, 2), (16, 0)
 DECODE_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hb,lb", DECODE_BITS)
-@pytest.mark.parametrize("batch,group", [(1, 128), (3, 32)])
-def test_triton_decode_matches_the_reference(dtype, hb, lb, batch, group):
-    """Qwen2-7B head layout (7 query heads per KV head, head dim 128), an outlier key channel,
-    a prompt length that is not a multiple of the group, left padding in the last sequence."""
+def check_triton_decode(dtype, hb, lb, batch, group, heads, kv_heads):
+    """The Triton decode kernels against the fp32 reference: an outlier key channel, a prompt
+    length that is not a multiple of the group, left padding in the last sequence."""
     from test_kv_cache import filled_cache
     from zipvl_compile.runtime import decode_attention as da
     from zipvl_compile.runtime import triton_decode
@@ -172,12 +169,12 @@ def test_triton_decode_matches_the_reference(dtype, hb, lb, batch, group):
     n = 1000
     cfg = ZipVLConfig(high_bits=hb, low_bits=lb, group_size=group, residual_length=64)
     budgets = (500, 300, 700)[:batch]
-    cache, k, v, _ = filled_cache(cfg, B=batch, Hkv=4, n=n, d=128, budgets=budgets, decode=37,
-                                  seed=hb * 10 + lb, dtype=dtype)
+    cache, k, v, _ = filled_cache(cfg, B=batch, Hkv=kv_heads, n=n, d=128, budgets=budgets,
+                                  decode=37, seed=hb * 10 + lb, dtype=dtype)
     cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a
                  for a in cache.layers[0].kernel_args()]
     segs = da.segments(*cuda_args)
-    q = torch.randn(batch, 28, 1, 128, device="cuda", dtype=dtype)
+    q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=dtype)
     mask = torch.ones(batch, 1, 1, n + 37, dtype=torch.bool, device="cuda")
     mask[-1, ..., :100] = False
     assert triton_decode.problem(q, segs) == ""
@@ -187,6 +184,22 @@ def test_triton_decode_matches_the_reference(dtype, hb, lb, batch, group):
                                    for s in segs], mask, 128 ** -0.5)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < DECODE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hb,lb", DECODE_BITS)
+@pytest.mark.parametrize("batch,group", [(1, 128), (3, 32)])
+def test_triton_decode_matches_the_reference(dtype, hb, lb, batch, group):
+    """Qwen2-7B head layout: 7 query heads per KV head."""
+    check_triton_decode(dtype, hb, lb, batch, group, heads=28, kv_heads=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hb,lb", DECODE_BITS)
+def test_triton_decode_without_gqa_matches_the_reference(dtype, hb, lb):
+    """LLaVA-7B head layout: one query head per KV head (one real row of the 16 a ``tl.dot``
+    takes)."""
+    check_triton_decode(dtype, hb, lb, 3, 32, heads=8, kv_heads=8)
 
 
 @torch.no_grad()
