@@ -38,6 +38,13 @@ def bias(mask: torch.Tensor) -> torch.Tensor | None:
     return torch.where(allowed(mask), mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
 
 
+def causal_with_valid_keys(valid: torch.Tensor) -> torch.Tensor:
+    """[B, n] valid tokens -> the STANDARD bool mask [B, 1, n, n]: causal & valid keys."""
+    n = valid.shape[-1]
+    pos = torch.arange(n, device=valid.device)
+    return ((pos[None, :] <= pos[:, None])[None] & valid[:, None, :])[:, None]
+
+
 def valid_tokens(mask4: torch.Tensor) -> torch.Tensor:
     """[B, 1, n, n] mask -> [B, n] bool: positions that attend to themselves."""
     return allowed(mask4).diagonal(dim1=-2, dim2=-1)[:, 0]
@@ -133,6 +140,9 @@ def _(mask4, probes):
     return mask4.new_empty(B, probes.shape[1], n)
 
 
-def causal_probe_rows(probes: torch.Tensor, n: int) -> torch.Tensor:
-    """Allowed [B, m, n] for plain causal attention: key j is visible from probe i iff j <= i."""
-    return torch.arange(n, device=probes.device) <= probes[:, :, None]
+def causal_probe_rows(probes: torch.Tensor, n: int,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Allowed [B, m, n] for causal attention: key j is visible from probe i iff j <= i (and
+    j is a valid token, with ``valid`` [B, n])."""
+    rows = torch.arange(n, device=probes.device) <= probes[:, :, None]
+    return rows if valid is None else rows & valid[:, None, :]

@@ -20,6 +20,14 @@ def mask_summary_for(attn_mask, q):
     return masks.mask_summary(masks.as_4d(attn_mask, B, n))
 
 
+def key_padding_summary(pad, q):
+    """(valid [B, n], STANDARD) of a mask known to be causal & ``pad[b, key]`` (``pad`` [B, n]
+    bool, None: no padding) for queries q [B, H, n, d]: computed from the padding, O(n)."""
+    B, _, n, _ = q.shape
+    valid = torch.ones(B, n, dtype=torch.bool, device=q.device) if pad is None else pad.bool()
+    return valid, torch.full((), masks.STANDARD, dtype=torch.long, device=q.device)
+
+
 def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, recent_probes,
                   random_probes, keep_recent, min_keep, seed, salt, sparse_queries, keep_all,
                   min_tokens, stop_after=None, cache_token=None, cache_layer=-1, cache_k=None,
@@ -28,14 +36,24 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
 
     q [B, H, n, d]; k, v [B, Hkv, n, d]; attn_mask None (plain causal) or broadcastable to
     [B, 1, n, n]; ``mask_summary`` its ``mask_summary_for`` when the graph computed it once for
-    every layer.  Returns [B, H, n, dv].  ``cache_*``: the ZipVLCache layer storing this
+    every layer, or with ``attn_mask=None`` the ``key_padding_summary`` of a causal mask with key
+    padding that was never built.  Returns [B, H, n, dv].  ``cache_*``: the ZipVLCache layer storing this
     prompt's K/V [B, Hkv, n, d] (``runtime/handoff.py``), or None."""
     B, H, n, d = q.shape
+
+    def dense_mask():
+        """The mask a dense path needs: the model's, or causal & valid keys when the rewrite
+        replaced a causal key-padding mask by its padding (built only here)."""
+        if attn_mask is None and mask_summary is not None:
+            return masks.causal_with_valid_keys(mask_summary[0])
+        return attn_mask
+
     if n < min_tokens:  # decided while tracing (a shape guard: crossing it recompiles once)
         stats.update(site, n if isinstance(n, int) else None, [], [], path="dense",
                      reason=f"prompt shorter than min_tokens={min_tokens}")
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
-                                              is_causal=attn_mask is None,
+        full = dense_mask()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale,
+                                              is_causal=full is None,
                                               enable_gqa=k.shape[1] != H)
     scale = d ** -0.5 if scale is None else scale
     mask4 = masks.as_4d(attn_mask, B, n) if attn_mask is not None else None
@@ -48,8 +66,9 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
     if stop_after is not None:
         stats.update(site, n if isinstance(n, int) else None, [], [], path="dense",
                      reason=f"measurement: selection stops after {stop_after!r}")
-        valid, kind = mask_summary if attn_mask is not None else (None, None)
-        return torch.ops.zipvl.dense_after(q, k, v, attn_mask, kind, valid, sel, scale)
+        full = dense_mask()
+        valid, kind = mask_summary if full is not None else (None, None)
+        return torch.ops.zipvl.dense_after(q, k, v, full, kind, valid, sel, scale)
     if kernel == "flex":
         budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site,
                                                 cache_token, cache_layer, cache_k, cache_v)

@@ -73,20 +73,22 @@ def kept_order(score, budget):
 def select(q, k, *, attn_mask, scale, tau, ratio, recent_probes, random_probes, keep_recent,
            min_keep, seed, salt, keep_all, mask_summary=None, stop_after=None):
     """Steps 1-6 for a batch -> ``Selection``.  ``attn_mask`` is None (plain causal) or a
-    [B, 1, n, n] mask; ``mask_summary`` its ``masks.mask_summary`` if already computed.
+    [B, 1, n, n] mask; ``mask_summary`` its ``masks.mask_summary`` if already computed (with
+    ``attn_mask=None``: the valid tokens of a causal mask with key padding, STANDARD).
 
     ``stop_after`` (measurement, ``ZipVLConfig.stop_after``): return the last tensor of that
     stage instead: the probe mass ``[B, n]`` ("scores"), the clamped budget ``[B]`` ("budget")
     or the kept order ``[B, n]`` ("selection")."""
     B, H, n, _ = q.shape
-    if attn_mask is None:
+    if attn_mask is None and mask_summary is None:
         valid, kind = torch.ones(B, n, dtype=torch.bool, device=q.device), None
     else:
         valid, kind = mask_summary if mask_summary is not None else masks.mask_summary(attn_mask)
     n_valid = valid.sum(dim=-1)
     probes, probe_valid = probe_positions(valid, recent_probes, random_probes, seed, salt)
-    if attn_mask is None:
-        allowed_rows, bias_rows = masks.causal_probe_rows(probes, n), None
+    if attn_mask is None:  # plain causal, or causal & valid keys (mask never built)
+        allowed_rows = masks.causal_probe_rows(probes, n, None if kind is None else valid)
+        bias_rows = None
     else:
         rows = masks.mask_rows(attn_mask, probes)
         allowed_rows, bias_rows = masks.allowed(rows), masks.bias(rows)

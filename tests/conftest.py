@@ -50,3 +50,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def recording(backend):
+    """(a torch.compile backend that runs ``backend`` and keeps each graph it rewrote, the list
+    of those graphs)."""
+    graphs = []
+
+    def spy(gm, example_inputs, **kw):
+        out = backend(gm, example_inputs, **kw)
+        graphs.append(gm)
+        return out
+    return spy, graphs

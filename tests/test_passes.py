@@ -1,14 +1,15 @@
 """Site discovery and classification.  The rewritten graphs run eagerly (``inductor=False``), so
 these tests need no Inductor compile; ``test_compiled.py`` covers the compiled path."""
 import logging
+import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import zipvl_compile
-from conftest import planted_qkv
-from toy import ToyDecoder
+from conftest import planted_qkv, recording
+from toy import ToyDecoder, padding_mask
 from zipvl_compile import ZipVLConfig, reference
 from zipvl_compile.backend import resolve_kernel
 
@@ -191,16 +192,10 @@ def test_mask_that_does_not_cover_the_sequence_stays_dense():
 
 
 def test_a_mask_shared_by_every_layer_is_realized_and_summarized_once_per_graph():
-    from toy import padding_mask
     from zipvl_compile.runtime.prefill import mask_summary_for
 
-    graphs = []
     zipvl = eager_backend()
-
-    def spy(gm, example_inputs, **kw):
-        out = zipvl(gm, example_inputs, **kw)
-        graphs.append(gm)
-        return out
+    spy, graphs = recording(zipvl)
 
     torch.manual_seed(0)
     model = ToyDecoder(layers=3).eval()
@@ -218,6 +213,53 @@ def test_a_mask_shared_by_every_layer_is_realized_and_summarized_once_per_graph(
     assert [u.target for u in realized.args[0].users] == [torch.ops.zipvl.realize_mask.default]
     assert summaries[0].args[0] is realized
     assert sum(u.target is not mask_summary_for for u in realized.users) == 3
+
+
+def _index_built_mask_sdpa(q, k, v, pad, q_offset=0):
+    """Attention with a mask built from index vectors as transformers' ``sdpa_mask`` does under
+    torch.compile (causal & key padding, expanded to [B, 1, n, n])."""
+    B, n = pad.shape
+    q_idx = (torch.arange(n) + q_offset)[None, None, :, None]
+    kv_idx = (torch.arange(n) + 0)[None, None, None, :]
+    mask = q_idx.new_ones((), dtype=torch.bool) & (kv_idx <= q_idx).to(q.device)
+    mask = mask & pad[torch.arange(B)[:, None, None, None], kv_idx].to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, -1, n, n),
+                                          enable_gqa=True)
+
+
+@pytest.mark.parametrize("q_offset", [0, 1])
+def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset):
+    """Causal & key padding built from index vectors is recognized in the graph: the sites read
+    the padding and the [B, 1, n, n] mask is dead code.  Shifted query positions (a mask that
+    looks one token ahead) are not matched: that mask is realized, checked at run time and
+    stays dense, exactly."""
+    from zipvl_compile.runtime.prefill import key_padding_summary
+
+    (q, k, v), _ = planted_qkv(B=2, n=60)
+    _, valid = padding_mask([60, 41], 60)
+    zipvl = eager_backend()
+    spy, graphs = recording(zipvl)
+
+    f = torch.compile(lambda q, k, v, pad: _index_built_mask_sdpa(q, k, v, pad, q_offset),
+                      backend=spy, dynamic=False)
+    out = f(q, k, v, valid)
+    (gm,) = graphs
+    targets = [n.target for n in gm.graph.nodes]
+    realized = torch.ops.zipvl.realize_mask.default in targets
+    if q_offset == 0:
+        assert key_padding_summary in targets and not realized
+        assert not any(n.target is operator.le for n in gm.graph.nodes)  # the mask is gone
+        mask, _ = padding_mask([60, 41], 60)
+        ref, _ = reference.zipvl_attention(q, k, v, CFG, attn_mask=mask)
+        rows = valid[:, None, :, None].expand_as(ref)
+        torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
+        assert only_site(zipvl).sparse
+    else:
+        assert realized and key_padding_summary not in targets
+        torch.testing.assert_close(out, _index_built_mask_sdpa(q, k, v, valid, q_offset))
+        row = zipvl_compile.stats()[-1]  # the site's run-time record
+        assert row.site == only_site(zipvl).name
+        assert row.path == "dense" and "non-causal" in row.reason
 
 
 def test_attention_feeding_attention_directly_is_rewritten_in_order():

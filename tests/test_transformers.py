@@ -4,6 +4,7 @@ import torch
 
 from zipvl_compile import tiny_models as models
 import zipvl_compile
+from conftest import recording
 
 BUILDERS = {"qwen2_vl": models.qwen2_vl, "llava": models.llava}
 SPARSE = dict(ratio=0.5, recent_probes=4, random_probes=4, keep_recent=2)
@@ -39,6 +40,40 @@ def test_left_padded_batch_generate_at_tau_one_equals_eager():
     assert torch.equal(out, expected)
     rec = [r for r in zipvl_compile.stats() if r.phase == "prefill"]
     assert rec and all(r.valid == [24, 15] and r.kept == [24, 15] for r in rec)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@torch.no_grad()
+def test_transformers_causal_padding_mask_is_never_built(name):
+    """Under torch.compile transformers builds the prefill mask from index vectors; the pass
+    recognizes causal & key padding, so no [B, 1, n, n] mask is materialized or copied
+    (no ``zipvl::realize_mask``) and the sparse prefill reads the padding: a left-padded
+    batch generates what eager does at tau=1."""
+    from zipvl_compile.helpers import find_language_model
+    from zipvl_compile.runtime.prefill import key_padding_summary
+
+    model, inputs = BUILDERS[name]()
+    one = inputs["input_ids"][0]
+    ids = torch.stack([one, torch.cat([torch.zeros(5, dtype=one.dtype), one[:-5]])])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding; the image tokens stay whole
+    batch = dict(inputs, input_ids=ids, attention_mask=mask)
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in batch:
+            batch[key] = torch.cat([batch[key]] * 2)
+    if "mm_token_type_ids" in batch:
+        batch["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    expected = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    spy, graphs = recording(zipvl_compile.backend(tau=1.0, inductor=False))
+    find_language_model(model).compile(backend=spy)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, expected)
+    targets = [n.target for g in graphs for n in g.graph.nodes]
+    assert key_padding_summary in targets
+    assert torch.ops.zipvl.realize_mask.default not in targets
+    n = ids.shape[1]
+    rec = [r for r in zipvl_compile.stats() if r.phase == "prefill"]
+    assert rec and all(r.path == "sparse" and r.valid == [n, n - 5] for r in rec)
 
 
 @torch.no_grad()
