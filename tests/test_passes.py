@@ -262,6 +262,20 @@ def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset):
         assert row.path == "dense" and "non-causal" in row.reason
 
 
+def test_a_short_prompt_under_an_index_built_mask_gets_the_exact_mask_back():
+    """Below ``min_tokens`` the site runs dense SDPA: with the index-built mask replaced by its
+    padding, the dense call rebuilds causal & valid keys and matches the model's own call."""
+    (q, k, v), _ = planted_qkv(B=2, n=60)
+    _, valid = padding_mask([60, 41], 60)
+    f, be = compile_fn(_index_built_mask_sdpa, min_tokens=100)
+    out = f(q, k, v, valid)
+    ref = _index_built_mask_sdpa(q, k, v, valid)
+    rows = valid[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(out[rows], ref[rows])
+    assert only_site(be).sparse  # rewritten; the dense fallback is decided in the traced call
+    assert "shorter than min_tokens" in zipvl_compile.stats()[-1].reason
+
+
 def test_attention_feeding_attention_directly_is_rewritten_in_order():
     """The second site's query is the first site's output: after the first rewrite it must read
     the node that replaced it (an FX graph with a use before its definition fails to run)."""
