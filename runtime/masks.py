@@ -95,6 +95,7 @@ def _scan_chunked(mask4: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
 # comparisons.  Inductor fused that producer into ZipVL's mask reductions and then failed to
 # compile on Triton at 32K tokens (a sympy value-range error on index-derived booleans;
 # Qwen2-7B shape, torch 2.11, H200).  These ops read the realized mask: nothing fuses into them.
+# (A mask built as exactly causal & key padding never gets here: ``passes/mask_source.py``.)
 
 
 @torch.library.custom_op("zipvl::realize_mask", mutates_args=())

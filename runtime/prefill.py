@@ -37,8 +37,8 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
     q [B, H, n, d]; k, v [B, Hkv, n, d]; attn_mask None (plain causal) or broadcastable to
     [B, 1, n, n]; ``mask_summary`` its ``mask_summary_for`` when the graph computed it once for
     every layer, or with ``attn_mask=None`` the ``key_padding_summary`` of a causal mask with key
-    padding that was never built.  Returns [B, H, n, dv].  ``cache_*``: the ZipVLCache layer storing this
-    prompt's K/V [B, Hkv, n, d] (``runtime/handoff.py``), or None."""
+    padding that was never built.  Returns [B, H, n, dv].  ``cache_*``: the ZipVLCache layer
+    storing this prompt's K/V [B, Hkv, n, d] (``runtime/handoff.py``), or None."""
     B, H, n, d = q.shape
 
     def dense_mask():
