@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .mask_source import causal_key_padding
 from .sites import AttentionSite, shape, value
 
 
@@ -50,7 +51,7 @@ def dense_reason(site: AttentionSite, kernel: str, sparse_queries: bool = True) 
         if len(m) < 2 or not (statically_known_true(m[-1] == k[-2])
                               and statically_known_true(m[-2] == q[-2])):
             return "attention mask does not cover [n, n]"
-        if kernel == "flex":
-            return ("masked attention (padding) needs kernel='sdpa'; the graph-capturable "
-                    "kernel handles mask-free causal attention")
+        if kernel == "flex" and causal_key_padding(site.attn_mask, q[0], q[-2]) is None:
+            return ("masked attention needs kernel='sdpa'; the graph-capturable kernel handles "
+                    "causal attention, with key padding only as transformers builds it")
     return ""

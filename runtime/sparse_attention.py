@@ -8,7 +8,8 @@ Two kernels compute the same function (outputs of unimportant queries are zero i
   on the compacted prefix.  Fastest; not CUDA-graph capturable.
 - ``sparse_prefill_flex``: traced into the graph; FlexAttention over the kept-first permutation
   with a block mask built from the device budget.  No host sync; graph capturable.  Only the
-  ``sparse_queries`` mode of mask-free causal attention.
+  ``sparse_queries`` mode of causal attention, mask-free or with key padding recognized in the
+  graph (``passes/mask_source.py``: padding is never kept, so the kept tokens are plain causal).
 
 Shapes: ``q [B, H, n, d]``, ``k, v [B, Hkv, n, d(v)]``, ``kept_idx [B, n]`` int64 (see
 ``selection.Selection``), ``budget, n_valid [B]`` int64.  Output ``[B, H, n, dv]``.
@@ -244,7 +245,7 @@ def prefix_causal_block_mask(budget: torch.Tensor, n: int, block: int = 128):
 
 def sparse_prefill_flex(q, k, v, kept_idx, budget, *, scale):
     """Graph-capturable kernel: compacted causal attention with the budget on the device
-    (``sparse_queries`` mode, plain causal attention only; see module docstring).
+    (``sparse_queries`` mode, causal attention among kept tokens; see module docstring).
 
     One FlexAttention call per sequence, each on its own gathered buffers: a batched call
     (CUDA) and calls on batch slices (storage offset; CPU and CUDA) read the wrong sequence in

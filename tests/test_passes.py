@@ -227,6 +227,23 @@ def _index_built_mask_sdpa(q, k, v, pad, q_offset=0):
                                           enable_gqa=True)
 
 
+def test_the_graph_kernel_takes_an_index_built_causal_padding_mask():
+    """kernel='flex' (graph-capturable) handles key padding once the mask is recognized: each
+    sequence's budget covers only its valid tokens; a realized mask still stays dense there."""
+    (q, k, v), _ = planted_qkv(B=2, n=60)
+    mask, valid = padding_mask([60, 41], 60)
+    f, be = compile_fn(_index_built_mask_sdpa, kernel="flex")
+    out = f(q, k, v, valid)
+    assert only_site(be).sparse
+    ref, _ = reference.zipvl_attention(q, k, v, CFG, attn_mask=mask)
+    rows = valid[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
+    assert zipvl_compile.stats()[-1].valid == [60, 41]
+    g, be = compile_fn(_masked_sdpa, kernel="flex")
+    g(q, k, v, mask)
+    assert "masked attention needs kernel='sdpa'" in only_site(be).reason
+
+
 @pytest.mark.parametrize("q_offset", [0, 1])
 def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset):
     """Causal & key padding built from index vectors is recognized in the graph: the sites read
