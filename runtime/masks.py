@@ -39,10 +39,11 @@ def bias(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def causal_with_valid_keys(valid: torch.Tensor) -> torch.Tensor:
-    """[B, n] valid tokens -> the STANDARD bool mask [B, 1, n, n]: causal & valid keys."""
-    n = valid.shape[-1]
-    pos = torch.arange(n, device=valid.device)
-    return ((pos[None, :] <= pos[:, None])[None] & valid[:, None, :])[:, None]
+    """[B, n] valid tokens -> the STANDARD bool mask [B, 1, n, n]: causal & valid keys (the
+    ``causal_probe_rows`` of every position)."""
+    B, n = valid.shape
+    every = torch.arange(n, device=valid.device).expand(B, n)
+    return causal_probe_rows(every, n, valid)[:, None]
 
 
 def valid_tokens(mask4: torch.Tensor) -> torch.Tensor:
