@@ -7,7 +7,8 @@ the prefill mask of a causal LM from index vectors instead of passing ``is_causa
     mask  = (new_ones((), bool) & (kv_idx <= q_idx) & pad[arange(B)[:, None, None, None], kv_idx])
             .expand(B, -1, n, n)
 
-with ``pad`` the ``[B, n]`` bool padding mask (absent without one).  Materializing that
+with ``pad`` the ``[B, m]`` bool padding mask (absent without one; ``m >= n``, only its first
+``n`` columns are read).  Materializing that
 ``[B, 1, n, n]`` tensor costs 16 GiB at 128K tokens.  When a mask node is exactly this
 expression, ``causal_key_padding`` returns ``pad``'s node: the mask is ``causal & pad[b, key]``,
 so the rewritten sites can run mask-free causal attention over the valid tokens and the mask
@@ -98,9 +99,10 @@ def causal_key_padding(mask: fx.Node, batch, n):
                 and _axis_index(term.args[1][0], _BATCH_AXIS, batch)):
             pad = term.args[0]
             v = value(pad)
+            # any width: the expression reads columns 0 .. n-1 only (the padding of a later
+            # generate() has a symbolic width once decode steps made that dimension dynamic)
             if (isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 2
-                    and statically_known_true(v.shape[0] == batch)
-                    and statically_known_true(v.shape[1] == n)):
+                    and statically_known_true(v.shape[0] == batch)):
                 pads.append(pad)
                 continue
         return None

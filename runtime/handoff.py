@@ -8,7 +8,9 @@ kernel looks the cache up by its token and calls ``receiver.plan`` (device work,
 kernel's host read of the budgets, so the pool sizes travel in the same read) and then
 ``receiver.adopt``: the layer's pools are built right there, from the selection the kernel just
 made.  No graph break; the host-read kernel adds no host sync of its own.  The graph-capturable
-kernel has no host read of its own, so it reads the pool sizes with one sync per layer.
+kernel has no host read of its own: ``zipvl::deliver_selection`` reads the pool sizes (one sync
+per layer) and builds the pools, an op kept out of CUDA graphs (pools allocated during a CUDA
+graph tree's warm-up would sit in its private memory pool, and a replay would skip the op).
 
 A prompt not run through a zipvl sparse prefill (eager model, other backend, dense fallback)
 is never delivered: the cache then stores every prompt token at ``high_bits``.

@@ -21,10 +21,15 @@ def mask_summary_for(attn_mask, q):
 
 
 def key_padding_summary(pad, q):
-    """(valid [B, n], STANDARD) of a mask known to be causal & ``pad[b, key]`` (``pad`` [B, n]
-    bool, None: no padding) for queries q [B, H, n, d]: computed from the padding, O(n)."""
+    """(valid [B, n], STANDARD) of a mask known to be causal & ``pad[b, key]`` (``pad`` [B, m]
+    bool, m >= n, of which the mask reads the first n columns; None: no padding) for queries
+    q [B, H, n, d]: computed from the padding, O(n)."""
     B, _, n, _ = q.shape
-    valid = torch.ones(B, n, dtype=torch.bool, device=q.device) if pad is None else pad.bool()
+    if pad is None:
+        return (torch.ones(B, n, dtype=torch.bool, device=q.device),
+                torch.full((), masks.STANDARD, dtype=torch.long, device=q.device))
+    torch._check(pad.shape[1] >= n, lambda: f"key padding of width {pad.shape[1]} < {n} keys")
+    valid = pad[:, :n].bool()
     return valid, torch.full((), masks.STANDARD, dtype=torch.long, device=q.device)
 
 
@@ -70,8 +75,11 @@ def zipvl_prefill(q, k, v, attn_mask=None, *, scale, site, kernel, tau, ratio, r
         valid, kind = mask_summary if full is not None else (None, None)
         return torch.ops.zipvl.dense_after(q, k, v, full, kind, valid, sel, scale)
     if kernel == "flex":
-        budget = torch.ops.zipvl.observe_budget(sel.budget, sel.n_valid, sel.kept_idx, site,
-                                                cache_token, cache_layer, cache_k, cache_v)
+        budget = sel.budget
+        if cache_token is not None:   # its own op: kept out of CUDA graphs (handoff.py)
+            budget = torch.ops.zipvl.deliver_selection(budget, sel.kept_idx, site, cache_token,
+                                                       cache_layer, cache_k, cache_v)
+        budget = torch.ops.zipvl.observe_budget(budget, sel.n_valid, sel.kept_idx, site)
         return sparse_prefill_flex(q, k, v, sel.kept_idx, budget, scale=scale)
     kind = sel.mask_kind
     return torch.ops.zipvl.sparse_prefill_sdpa(q, k, v, sel.kept_idx, sel.budget, sel.n_valid,

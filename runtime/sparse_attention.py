@@ -193,26 +193,39 @@ def _(q, k, v, attn_mask, mask_kind, valid, after, scale):
 
 @torch.library.custom_op("zipvl::observe_budget", mutates_args=())
 def observe_budget(budget: torch.Tensor, n_valid: torch.Tensor, kept_idx: torch.Tensor,
-                   site: int, cache_token: Optional[torch.Tensor] = None, cache_layer: int = -1,
-                   cache_k: Optional[torch.Tensor] = None,
-                   cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Hands the device budget to ``stats`` without a sync, and the selection to the KV cache
-    named by ``cache_token`` (``handoff``; that reads the pool sizes: one sync, skipped while a
-    CUDA graph is being captured).  Returns a copy the kernel consumes (the data dependency
-    keeps this op in the graph)."""
+                   site: int) -> torch.Tensor:
+    """Hands the device budget to ``stats`` without a sync (also inside a CUDA graph: stats
+    keeps the tensor and reads it when asked).  Returns a copy the kernel consumes (the data
+    dependency keeps this op in the graph)."""
     stats.update_lazy(site, kept_idx.shape[-1], budget, n_valid)
+    return budget.clone()
+
+
+@observe_budget.register_fake
+def _(budget, n_valid, kept_idx, site):
+    return torch.empty_like(budget)
+
+
+# Kept out of CUDA graphs: it reads the pool sizes on the host and allocates the cache's pools,
+# which must outlive the graph's run (a replay would skip both).
+@torch.library.custom_op("zipvl::deliver_selection", mutates_args=(),
+                         tags=handoff.CUDAGRAPH_UNSAFE)
+def deliver_selection(budget: torch.Tensor, kept_idx: torch.Tensor, site: int,
+                      cache_token: torch.Tensor, cache_layer: int, cache_k: torch.Tensor,
+                      cache_v: torch.Tensor) -> torch.Tensor:
+    """Hands the graph-capturable kernel's selection to the KV cache named by ``cache_token``
+    (``handoff``; reading the pool sizes is one host sync).  Returns a copy of ``budget`` for
+    the kernel to consume (the data dependency keeps this op in the graph)."""
     cache = handoff.receiver(cache_token)
-    capturing = budget.is_cuda and torch.cuda.is_current_stream_capturing()
-    if cache is not None and not capturing:
+    if cache is not None:
         plan = cache.plan(cache_layer, cache_k, kept_idx, budget)
         counts = plan.counts.tolist()
         cache.adopt(cache_layer, cache_k, cache_v, plan, counts, stats.site_name(site))
     return budget.clone()
 
 
-@observe_budget.register_fake
-def _(budget, n_valid, kept_idx, site, cache_token=None, cache_layer=-1, cache_k=None,
-      cache_v=None):
+@deliver_selection.register_fake
+def _(budget, kept_idx, site, cache_token, cache_layer, cache_k, cache_v):
     return torch.empty_like(budget)
 
 

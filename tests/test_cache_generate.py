@@ -93,3 +93,26 @@ def test_compiled_generate_hands_importance_over_and_fuses_decode():
     layer = cache.layers[0]
     assert layer.evicted and layer.lo is None
     assert all(r.kept[0] < r.valid[0] for r in kv_rows())
+
+
+@torch.no_grad()
+def test_graph_capturable_kernel_hands_importance_over():
+    """kernel='flex' (what mode='reduce-overhead' runs) on a padded batch: its selection reaches
+    the cache through zipvl::deliver_selection (an op kept out of CUDA graphs), and 16/16 still
+    gives DynamicCache's tokens."""
+    model, _ = models.llava()
+    batch = padded_batch()
+    zipvl_compile.compile_language_model(model, kernel="flex", **SPARSE)
+    expected = model.generate(**batch, max_new_tokens=6, do_sample=False,
+                              past_key_values=DynamicCache())
+    zipvl_compile.reset_stats()
+    cache = ZipVLCache(high_bits=16, low_bits=16, **SMALL)
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert torch.equal(out, expected)
+    prefill = [r for r in zipvl_compile.stats() if r.phase == "prefill"]
+    assert prefill and all(r.path == "sparse" and r.kernel == "flex" for r in prefill)
+    rows = kv_rows()
+    assert len(rows) == len(prefill)
+    assert all(r.reason.startswith("importance of layers.") for r in rows)
+    for p, r in zip(prefill, rows):
+        assert all(k <= c <= k + SMALL["residual_length"] for k, c in zip(p.kept, r.kept))

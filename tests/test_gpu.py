@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import zipvl_compile
 from conftest import planted_qkv
-from toy import padding_mask
+from toy import index_built_mask_sdpa, padding_mask
 from zipvl_compile import ZipVLConfig, reference
 
 pytestmark = pytest.mark.gpu
@@ -57,6 +57,23 @@ def test_padded_batch_on_cuda(dtype):
     assert rel_err(out, ref, rows) < TOL[dtype]
     got = [r.kept for r in zipvl_compile.stats() if r.path == "sparse"][-1]
     assert got == [s.budget for s in sels]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_index_built_causal_padding_mask_on_cuda(kernel, dtype):
+    """transformers' index-built causal padding mask, recognized in the graph, on both
+    kernels: each sequence's budget covers its valid tokens only, and no mask is built."""
+    (q, k, v), _ = planted_qkv(B=3, H=4, Hkv=2, n=160, d=64, seed=4)
+    mask, valid = padding_mask([160, 100, 37], 160, left=True)
+    cfg = ZipVLConfig(tau=0.9, recent_probes=16, random_probes=16, keep_recent=4, kernel=kernel)
+    ref, sels = reference.zipvl_attention(q, k, v, cfg, attn_mask=mask)
+    f = torch.compile(index_built_mask_sdpa, backend=zipvl_compile.backend(cfg), dynamic=False)
+    out = f(*(x.cuda().to(dtype) for x in (q, k, v)), valid.cuda()).cpu()
+    rows = valid[:, None, :].expand(3, 4, 160)
+    assert rel_err(out, ref, rows) < TOL[dtype]
+    (record,) = [r for r in zipvl_compile.stats()[-1:] if r.path == "sparse"]
+    assert record.valid == [160, 100, 37] and record.kept == [s.budget for s in sels]
 
 
 def test_selection_on_cuda_equals_cpu():

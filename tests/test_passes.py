@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import zipvl_compile
 from conftest import planted_qkv, recording
-from toy import ToyDecoder, padding_mask
+from toy import ToyDecoder, index_built_mask_sdpa, padding_mask
 from zipvl_compile import ZipVLConfig, reference
 from zipvl_compile.backend import resolve_kernel
 
@@ -215,24 +215,12 @@ def test_a_mask_shared_by_every_layer_is_realized_and_summarized_once_per_graph(
     assert sum(u.target is not mask_summary_for for u in realized.users) == 3
 
 
-def _index_built_mask_sdpa(q, k, v, pad, q_offset=0):
-    """Attention with a mask built from index vectors as transformers' ``sdpa_mask`` does under
-    torch.compile (causal & key padding, expanded to [B, 1, n, n])."""
-    B, n = pad.shape
-    q_idx = (torch.arange(n) + q_offset)[None, None, :, None]
-    kv_idx = (torch.arange(n) + 0)[None, None, None, :]
-    mask = q_idx.new_ones((), dtype=torch.bool) & (kv_idx <= q_idx).to(q.device)
-    mask = mask & pad[torch.arange(B)[:, None, None, None], kv_idx].to(q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, -1, n, n),
-                                          enable_gqa=True)
-
-
 def test_the_graph_kernel_takes_an_index_built_causal_padding_mask():
     """kernel='flex' (graph-capturable) handles key padding once the mask is recognized: each
     sequence's budget covers only its valid tokens; a realized mask still stays dense there."""
     (q, k, v), _ = planted_qkv(B=2, n=60)
     mask, valid = padding_mask([60, 41], 60)
-    f, be = compile_fn(_index_built_mask_sdpa, kernel="flex")
+    f, be = compile_fn(index_built_mask_sdpa, kernel="flex")
     out = f(q, k, v, valid)
     assert only_site(be).sparse
     ref, _ = reference.zipvl_attention(q, k, v, CFG, attn_mask=mask)
@@ -244,10 +232,11 @@ def test_the_graph_kernel_takes_an_index_built_causal_padding_mask():
     assert "masked attention needs kernel='sdpa'" in only_site(be).reason
 
 
-@pytest.mark.parametrize("q_offset", [0, 1])
-def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset):
+@pytest.mark.parametrize("q_offset,wider", [(0, 0), (1, 0), (0, 5)])
+def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset, wider):
     """Causal & key padding built from index vectors is recognized in the graph: the sites read
-    the padding and the [B, 1, n, n] mask is dead code.  Shifted query positions (a mask that
+    the padding and the [B, 1, n, n] mask is dead code; also from a padding ``wider`` than the
+    prompt (the expression reads its first n columns).  Shifted query positions (a mask that
     looks one token ahead) are not matched: that mask is realized, checked at run time and
     stays dense, exactly."""
     from zipvl_compile.runtime.prefill import key_padding_summary
@@ -257,9 +246,9 @@ def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset):
     zipvl = eager_backend()
     spy, graphs = recording(zipvl)
 
-    f = torch.compile(lambda q, k, v, pad: _index_built_mask_sdpa(q, k, v, pad, q_offset),
+    f = torch.compile(lambda q, k, v, pad: index_built_mask_sdpa(q, k, v, pad, q_offset),
                       backend=spy, dynamic=False)
-    out = f(q, k, v, valid)
+    out = f(q, k, v, torch.cat([valid, torch.zeros(2, wider, dtype=torch.bool)], 1))
     (gm,) = graphs
     targets = [n.target for n in gm.graph.nodes]
     realized = torch.ops.zipvl.realize_mask.default in targets
@@ -273,7 +262,7 @@ def test_an_index_built_causal_padding_mask_is_never_materialized(q_offset):
         assert only_site(zipvl).sparse
     else:
         assert realized and key_padding_summary not in targets
-        torch.testing.assert_close(out, _index_built_mask_sdpa(q, k, v, valid, q_offset))
+        torch.testing.assert_close(out, index_built_mask_sdpa(q, k, v, valid, q_offset))
         row = zipvl_compile.stats()[-1]  # the site's run-time record
         assert row.site == only_site(zipvl).name
         assert row.path == "dense" and "non-causal" in row.reason
@@ -284,9 +273,9 @@ def test_a_short_prompt_under_an_index_built_mask_gets_the_exact_mask_back():
     padding, the dense call rebuilds causal & valid keys and matches the model's own call."""
     (q, k, v), _ = planted_qkv(B=2, n=60)
     _, valid = padding_mask([60, 41], 60)
-    f, be = compile_fn(_index_built_mask_sdpa, min_tokens=100)
+    f, be = compile_fn(index_built_mask_sdpa, min_tokens=100)
     out = f(q, k, v, valid)
-    ref = _index_built_mask_sdpa(q, k, v, valid)
+    ref = index_built_mask_sdpa(q, k, v, valid)
     rows = valid[:, None, :, None].expand_as(ref)
     torch.testing.assert_close(out[rows], ref[rows])
     assert only_site(be).sparse  # rewritten; the dense fallback is decided in the traced call

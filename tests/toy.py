@@ -70,3 +70,16 @@ def padding_mask(lengths, n, left=True, dtype=torch.bool):
     if dtype == torch.bool:
         return ok[:, None], valid
     return torch.zeros(B, 1, n, n).masked_fill(~ok[:, None], torch.finfo(dtype).min), valid
+
+
+def index_built_mask_sdpa(q, k, v, pad, q_offset=0):
+    """Attention with a mask built from index vectors as transformers' ``sdpa_mask`` does under
+    torch.compile (causal & key padding, expanded to [B, 1, n, n]; ``pad`` [B, m >= n]: its
+    first n columns are read, as a later generate() call's attention mask is)."""
+    B, n = pad.shape[0], q.shape[-2]
+    q_idx = (torch.arange(n) + q_offset)[None, None, :, None]
+    kv_idx = (torch.arange(n) + 0)[None, None, None, :]
+    mask = q_idx.new_ones((), dtype=torch.bool) & (kv_idx <= q_idx).to(q.device)
+    mask = mask & pad[torch.arange(B)[:, None, None, None], kv_idx].to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, -1, n, n),
+                                          enable_gqa=True)
