@@ -13,6 +13,13 @@ images.  Every
 step draws a new batch (seed = ``--seed`` * 1_000_003 + step) over its stage's levels; held-out
 evaluation uses seeds the training stream never reaches (``EVAL_SEED``).  One AdamW run with
 linear warm-up and cosine decay over all stages.
+
+``--init W --attn-entropy L`` fine-tunes existing weights with a penalty on how spread the
+attention mass of the least concentrated layer is (``ToyVLM.forward_with_attention_entropy``);
+``--bos-first`` trains the LLaVA-like layout with BOS before the image.  Measured (BENCHMARKS.md,
+issue 5, session 7): attention concentrates and dense accuracy stays at 100%, but counting
+still needs layer 0's attention over most of the image, so the shipped weights stay the
+dense-trained ones.
 """
 from __future__ import annotations
 
@@ -72,6 +79,16 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vision-loss", type=float, default=1.0,
                     help="weight of the patch encoder's glyph/colour objective (0: off)")
+    ap.add_argument("--attn-entropy", type=float, default=0.0,
+                    help="weight in the loss of the entropy of where attention mass lands, in "
+                         "the least concentrated layer (0: off; ToyVLM."
+                         "forward_with_attention_entropy): attention gathers on few keys, as "
+                         "in trained LVLMs")
+    ap.add_argument("--bos-first", action="store_true",
+                    help="BOS before the image tokens (ToyVLMConfig.bos_first)")
+    ap.add_argument("--init", default=None,
+                    help="start from these weights (a file this script wrote) instead of "
+                         "from scratch: fine-tuning, e.g. with --attn-entropy")
     ap.add_argument("--eval-n", type=int, default=512)
     ap.add_argument("--save-stages", action="store_true",
                     help="also evaluate and save the model after every stage (OUT.gGRID.sN)")
@@ -81,7 +98,23 @@ def main():
     torch.manual_seed(args.seed)
     final_grid = args.stages[-1][0]
     schedule = [(g, lv) for g, s, lv in args.stages for _ in range(s)]
-    model = ToyVLM(ToyVLMConfig(grid=final_grid)).to(args.device)
+    config = ToyVLMConfig(grid=final_grid, bos_first=args.bos_first)
+    init_meta = {}
+    if args.init:  # the architecture (and layout) are the initial weights'
+        from safetensors import safe_open
+
+        with safe_open(args.init, "pt") as f:
+            init_meta = dict(f.metadata() or {})
+        config = ToyVLMConfig(**dict(json.loads(init_meta["config"]), grid=final_grid))
+        args.bos_first = config.bos_first
+    model = ToyVLM(config).to(args.device)
+    if args.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.init, device=str(args.device)))
+    args.init_command = init_meta.get("command")
+    if args.attn_entropy:
+        model.language_model.set_attn_implementation("eager")  # SDPA returns no weights
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     total = len(schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / args.warmup)
@@ -91,7 +124,12 @@ def main():
     t0 = time.time()
     for step, (grid, levels) in enumerate(schedule):
         b = task.sample(args.batch, grid, args.seed * 1_000_003 + step, levels=levels)
-        logits = model(b.pixels.to(args.device), b.text.to(args.device))
+        entropy = None
+        if args.attn_entropy:
+            logits, entropy = model.forward_with_attention_entropy(b.pixels.to(args.device),
+                                                                   b.text.to(args.device))
+        else:
+            logits = model(b.pixels.to(args.device), b.text.to(args.device))
         target = torch.stack([torch.full_like(b.answer, task.ANS), b.answer], 1).to(args.device)
         loss = F.cross_entropy(logits.reshape(-1, task.VOCAB), target.reshape(-1))
         if args.vision_loss:
@@ -99,6 +137,10 @@ def main():
             loss = loss + args.vision_loss * (
                 F.cross_entropy(glyph.flatten(0, 1), b.patch_glyph.to(args.device).flatten())
                 + F.cross_entropy(colour.flatten(0, 1), b.patch_colour.to(args.device).flatten()))
+        if entropy is not None:
+            # the least concentrated layer: a mean over layers leaves layer 0 aggregating the
+            # whole image (counting by a prefix average), which no sparse prefill can keep
+            loss = loss + args.attn_entropy * entropy.max()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -106,8 +148,11 @@ def main():
         sched.step()
         if step % 100 == 0 or step == total - 1:
             acc = (logits[:, 1].argmax(-1).cpu() == b.answer).float().mean().item()
-            print(f"step {step} grid {grid} loss {loss.item():.4f} train acc {acc:.3f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            print(f"step {step} grid {grid} loss {loss.item():.4f} train acc {acc:.3f}"
+                  + (" attention mass entropy per layer "
+                     + " ".join(f"{e:.2f}" for e in entropy.tolist())
+                     if entropy is not None else "")
+                  + f" ({time.time() - t0:.0f}s)", flush=True)
         if args.save_stages and step in stage_ends and step != total - 1:
             i, g = stage_ends[step]
             save(model, args, args.out.replace(".safetensors", f".g{g}.s{i}.safetensors"), g,
@@ -122,7 +167,10 @@ def save(model, args, path, grid, after_stage):
     from safetensors.torch import save_file
 
     model.eval()
+    implementation = model.language_model.config._attn_implementation
+    model.language_model.set_attn_implementation("sdpa")   # as the model is loaded and served
     acc = accuracy(model, grid, n=args.eval_n, device=args.device)
+    model.language_model.set_attn_implementation(implementation)
     print(f"held-out dense accuracy at grid {grid}:", acc, flush=True)
     text = " ".join(f"{g}:{s}:{''.join(map(str, lv))}" for g, s, lv in args.stages)
     cfg = dict(model.config_dict(), grid=grid)
@@ -130,7 +178,12 @@ def save(model, args, path, grid, after_stage):
                 eval=json.dumps(dict(n=args.eval_n, seed=EVAL_SEED, grid=grid)),
                 command=f"python -m zipvl_compile.toyvlm.train --stages {text} "
                         f"--batch {args.batch} --lr {args.lr} --warmup {args.warmup} "
-                        f"--vision-loss {args.vision_loss} --seed {args.seed}", after_stage=str(after_stage))
+                        f"--vision-loss {args.vision_loss} --attn-entropy {args.attn_entropy} "
+                        f"--seed {args.seed}" + (" --bos-first" if args.bos_first else "")
+                        + (f" --init {args.init}" if args.init else ""),
+                after_stage=str(after_stage))
+    if args.init:   # how the weights it started from were made
+        meta["init_command"] = args.init_command or "unknown"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               path, metadata=meta)
     print("saved", path, flush=True)
