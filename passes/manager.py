@@ -34,8 +34,9 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule) -> list[SiteDecision]:
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         found = sorted(sites.find_sdpa(gm) + sites.find_unfused(gm), key=lambda s: order[s.output])
-        kernel = self.settings["kernel"]
-        decisions, salt, fused = [], 0, 0
+        settings = dict(self.settings)
+        kernel, dense_layers = settings["kernel"], settings.pop("dense_layers", 0)
+        decisions, salt, fused, prefill = [], 0, 0, 0
         marks = decode.prompt_marks(gm)
         summaries: dict = {}
         replaced: dict[fx.Node, fx.Node] = {}  # outputs of rewritten sites -> their new nodes
@@ -46,14 +47,17 @@ class PassManager:
                 decisions.append(self._decode_site(gm, site, cache_kv))
                 fused += decisions[-1].sparse
                 continue
-            reason = classify.dense_reason(site, kernel, self.settings["sparse_queries"])
+            reason = classify.dense_reason(site, kernel, settings["sparse_queries"])
+            if not reason and _layer_index(site, prefill) < dense_layers:
+                reason = f"among the first dense_layers={dense_layers} layers (config)"
+            prefill += site.phase == "prefill"
             record = stats.SiteRecord(site=site.name, module=site.module_type, phase=site.phase,
                                       path="dense" if reason else "sparse", reason=reason,
                                       kernel="" if reason else kernel)
             uid = stats.register(record)
             if not reason:
                 replaced[site.output] = rewrite.rewrite_site(
-                    gm, site, dict(self.settings, site=uid, salt=salt,
+                    gm, site, dict(settings, site=uid, salt=salt,
                                    **decode.prompt_cache(site, marks)), summaries)
                 salt += 1
             decisions.append(SiteDecision(site.name, site.module_type, site.phase, site.pattern,
@@ -77,6 +81,13 @@ class PassManager:
         return SiteDecision(site.name, site.module_type, site.phase, site.pattern, not problem,
                             reason, uid)
 
+
+
+def _layer_index(site: sites.AttentionSite, ordinal: int) -> int:
+    """The layer of ``site``: the last integer in its module path (``layers.3.self_attn`` -> 3),
+    else ``ordinal`` (how many prefill sites came before it in the graph)."""
+    numbers = [int(part) for part in site.name.split(".") if part.isdigit()]
+    return numbers[-1] if numbers else ordinal
 
 
 def _inputs_after_rewrites(site: sites.AttentionSite, replaced: dict) -> sites.AttentionSite:

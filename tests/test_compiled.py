@@ -145,3 +145,26 @@ def test_stop_after_runs_the_stages_then_exact_dense_attention(model, stage, mon
     assert set(ran) == stages
     assert all(r.path == "dense" and f"stops after '{stage}'" in r.reason
                for r in zipvl_compile.stats())
+
+
+@torch.no_grad()
+def test_the_first_dense_layers_keep_dense_attention(model):
+    """dense_layers=1: layers.0 stays exact dense attention (reported with the reason), the
+    other layer is sparse; the output equals a reference model whose first layer is dense."""
+    ids = torch.randint(0, 64, (2, 160))
+    be = zipvl_compile.backend(CFG, dense_layers=1)
+    out = torch.compile(model, backend=be, dynamic=False)(ids)
+    dense, sparse = be.decisions
+    assert (dense.name, dense.sparse) == ("layers.0", False)
+    assert dense.reason == "among the first dense_layers=1 layers (config)"
+    assert (sparse.name, sparse.sparse) == ("layers.1", True)
+
+    def attn(q, k, v, mask, layer):
+        if layer == 0:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                    enable_gqa=True)
+        return reference.zipvl_attention(q, k, v, CFG, attn_mask=mask, salt=0)[0]
+
+    ref = ToyDecoder(attention=attn).eval()
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(out, ref(ids), rtol=1e-4, atol=1e-4)

@@ -14,7 +14,7 @@ def test_defaults_follow_the_paper():
     ("tau", 0.0), ("tau", 1.01), ("tau", "high"), ("recent_probes", -1), ("random_probes", 1.5),
     ("recent_probes", True), ("keep_recent", 0), ("min_keep", 0), ("ratio", 0.0),
     ("ratio", 1.5), ("sparse_queries", 1), ("seed", -3), ("kernel", "triton"),
-    ("min_tokens", -1), ("stop_after", "attention"),
+    ("min_tokens", -1), ("stop_after", "attention"), ("dense_layers", -1), ("dense_layers", 0.5),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

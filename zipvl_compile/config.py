@@ -26,6 +26,11 @@ class ZipVLConfig:
     sparse_queries: True = paper mode (only important queries are computed, other rows are zero);
                     False = every query is computed, keys restricted to the important set.
     seed:           salt of the deterministic probe sampler (>= 0).
+    dense_layers:   the first ``dense_layers`` attention layers keep dense prefill attention (>= 0;
+                    the layer of a site is the last integer in its module path, e.g.
+                    ``layers.3.self_attn``, else its order in the graph).  Early layers can mix
+                    the whole image before attention concentrates (FastV keeps 2 dense); measured
+                    on the toy VLM in BENCHMARKS.md (issue 5).  0: every layer is sparse.
     min_tokens:     prompts shorter than this keep dense attention (>= 0).  Selection costs a fixed
                     ~0.8 ms per layer on an H200: slower than cuDNN at 8K tokens, 3x faster at 32K
                     (BENCHMARKS.md); 0 sparsifies every prompt.
@@ -60,6 +65,7 @@ class ZipVLConfig:
     ratio: float | None = None
     sparse_queries: bool = True
     seed: int = 0
+    dense_layers: int = 0
     min_tokens: int = 0
     kernel: str = "auto"
     stop_after: str | None = None
@@ -71,7 +77,8 @@ class ZipVLConfig:
     def __post_init__(self) -> None:
         _check_number("tau", self.tau, 0.0, 1.0, low_open=True)
         for name, low in (("recent_probes", 0), ("random_probes", 0), ("keep_recent", 1),
-                          ("min_keep", 1), ("seed", 0), ("min_tokens", 0)):
+                          ("min_keep", 1), ("seed", 0), ("min_tokens", 0),
+                          ("dense_layers", 0)):
             _check_int(name, getattr(self, name), low)
         if self.recent_probes + self.random_probes < 1:
             raise ValueError("recent_probes + random_probes must be >= 1 "

@@ -13,7 +13,9 @@ Settings (each evaluated per level: the toy task's difficulty levels, or the fil
 - ``dense``: the model as is (eager, ``DynamicCache``).
 - ``zipvl tau=T``: the zipvl backend with the adaptive budget at each ``--taus`` value.
 - ``fixed ratio R``: the same backend with ``ratio=R``, R = the mean kept ratio (over levels) of
-  the adaptive run just before it: the paper's comparison with a fixed budget.
+  the adaptive run just before it: the paper's comparison with a fixed budget.  With
+  ``--dense-layers N`` both keep the first N layers dense (kept ratio 1 in the tables) and R
+  is the adaptive mean over the other layers.
 - ``zipvl tau=0.975 + cache H/L``: adaptive prefill handing its selection to a ``ZipVLCache``
   with ``H``-bit important and ``L``-bit other tokens (``--caches``).
 
@@ -39,7 +41,9 @@ SHIPPED = Path(__file__).parent / "toyvlm" / "toyvlm.safetensors"
 EVAL_SEED = 10 ** 9  # held-out seeds: the training stream never reaches them
 # Probe counts and cache sizes scaled to the toy's few hundred tokens (ZipVLConfig's defaults
 # are sized for tens of thousands)
-TOY_PROBES = dict(recent_probes=8, random_probes=32, keep_recent=4)
+# (and layer 0 dense: the toy's first layer mixes the whole image, its later layers concentrate;
+# BENCHMARKS.md, issue 5)
+TOY_PROBES = dict(recent_probes=8, random_probes=32, keep_recent=4, dense_layers=1)
 TOY_CACHE = dict(group_size=32, residual_length=16)
 
 
@@ -147,6 +151,10 @@ def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = N
     if setting.backend is not None:
         compile_language_model(data.model, inductor=inductor, **setting.backend)
     results = []
+    # every prefill site seen under this setting, in layer order, and those decided dense when
+    # compiling: stats() shows a compile-time record only until the next reset_stats()
+    order: dict[str, None] = {}
+    dense_at_compile: set[str] = set()
     try:
         for level in data.levels:
             res = Result(setting.name, level, data.count(level))
@@ -158,14 +166,22 @@ def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = N
                 correct, predicted = data.answer(chunk, cache)
                 res.correct += correct
                 res.predicted += predicted
-                for r in stats():
-                    if r.phase == "prefill" and r.kept_ratio is not None:
-                        sums.setdefault(r.site, []).append(r.kept_ratio)
+                seen = set()
+                for r in stats():   # a dense prefill (e.g. dense_layers) keeps every token
+                    ratio = 1.0 if r.path == "dense" else r.kept_ratio
+                    if r.phase == "prefill" and ratio is not None:
+                        sums.setdefault(r.site, []).append(ratio)
+                        order[r.site] = None
+                        seen.add(r.site)
+                        if r.path == "dense" and r.kept_ratio is None:
+                            dense_at_compile.add(r.site)
+                for site in dense_at_compile - seen:
+                    sums.setdefault(site, []).append(1.0)
                 if setting.cache is not None:
                     held, dense = held + cache.memory_bytes(), dense + cache.dense_bytes()
                 if progress is not None:
                     progress.update(1)
-            res.kept = [sum(v) / len(v) for v in sums.values()]
+            res.kept = [sum(sums[site]) / len(sums[site]) for site in order if site in sums]
             res.kv_fraction = held / dense if dense else 1.0
             results.append(res)
     finally:
@@ -175,7 +191,10 @@ def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = N
 
 def run(data, *, taus, caches, batch, probes, cache_sizes, inductor=True,
         progress=True) -> list[Result]:
-    """Every setting of the module docstring; fixed-ratio settings follow their adaptive run."""
+    """Every setting of the module docstring; fixed-ratio settings follow their adaptive run.
+    ``probes`` holds the backend's probe fields and optionally ``dense_layers``: those layers
+    count as kept ratio 1 and the fixed ratio is the adaptive mean over the other layers."""
+    skip = probes.get("dense_layers", 0)
     per_setting = sum(-(-data.count(level) // batch) for level in data.levels)
     total = per_setting * (1 + 2 * len(taus) + len(caches))
     bar = None
@@ -186,7 +205,8 @@ def run(data, *, taus, caches, batch, probes, cache_sizes, inductor=True,
     results = evaluate(data, Setting("dense"), **kw)
     for tau in taus:
         adaptive = evaluate(data, Setting(f"zipvl tau={tau}", dict(tau=tau, **probes)), **kw)
-        mean = sum(r.mean_kept for r in adaptive) / len(adaptive)
+        sparse = [r.kept[skip:] for r in adaptive if r.kept[skip:]]
+        mean = sum(sum(k) / len(k) for k in sparse) / len(sparse) if sparse else 1.0
         results += adaptive
         results += evaluate(data, Setting(f"fixed ratio {mean:.3f}",
                                           dict(ratio=round(mean, 6), **probes)), **kw)
@@ -284,6 +304,9 @@ def main(argv=None):
     for flag in ("recent-probes", "random-probes", "keep-recent", "group-size",
                  "residual-length"):
         sizes.add_argument(f"--{flag}", type=int, default=None)
+    ap.add_argument("--dense-layers", type=int, default=None,
+                    help="ZipVLConfig.dense_layers: the first N layers keep dense prefill "
+                         "(default: toy 1, checkpoint 0)")
     ap.add_argument("--no-inductor", action="store_true",
                     help="apply the passes but run the graphs eagerly (fast, same decisions)")
     ap.add_argument("--plot", default=None, help="write the PNG plot here")
@@ -311,10 +334,12 @@ def main(argv=None):
         c = ZipVLConfig()
         defaults = dict(recent_probes=c.recent_probes, random_probes=c.random_probes,
                         keep_recent=c.keep_recent, group_size=c.group_size,
-                        residual_length=c.residual_length, batch=4)
+                        residual_length=c.residual_length, dense_layers=c.dense_layers,
+                        batch=4)
     pick = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
     caches = [tuple(int(b) for b in c.split("/")) for c in args.caches]
-    probes = {k: pick[k] for k in ("recent_probes", "random_probes", "keep_recent")}
+    probes = {k: pick[k] for k in ("recent_probes", "random_probes", "keep_recent",
+                                   "dense_layers")}
     sizes = {k: pick[k] for k in ("group_size", "residual_length")}
     with torch.no_grad():
         results = run(data, taus=args.taus, caches=caches, batch=pick["batch"], probes=probes,

@@ -1,6 +1,12 @@
-"""Train the toy VLM from scratch on freshly generated samples (fixed seed).
+"""Train the toy VLM from scratch on freshly generated samples (fixed seed), then fine-tune it
+towards concentrated attention.  The shipped ``toyvlm.safetensors`` (H100: 5.5 + 3 + 2 min):
 
-    python -m zipvl_compile.toyvlm.train   # the shipped toyvlm.safetensors: 4 min on an H100
+    python -m zipvl_compile.toyvlm.train --bos-first --out dense.safetensors
+    python -m zipvl_compile.toyvlm.train --init dense.safetensors --stages 24:2000:012 \
+        --lr 3e-4 --warmup 50 --eval-n 256 --attn-entropy 0.4 --out step1.safetensors
+    python -m zipvl_compile.toyvlm.train --init step1.safetensors --stages 24:2000:012 \
+        --lr 3e-4 --warmup 50 --eval-n 256 --attn-entropy 2.0 \
+        --out zipvl_compile/toyvlm/toyvlm.safetensors
 
 Training is a curriculum: each ``GRID:STEPS:LEVELS`` stage draws images of ``GRID x GRID``
 patches (the model has no per-patch position table, so it takes any grid) with questions of the
@@ -14,12 +20,12 @@ step draws a new batch (seed = ``--seed`` * 1_000_003 + step) over its stage's l
 evaluation uses seeds the training stream never reaches (``EVAL_SEED``).  One AdamW run with
 linear warm-up and cosine decay over all stages.
 
-``--init W --attn-entropy L`` fine-tunes existing weights with a penalty on how spread the
-attention mass of the least concentrated layer is (``ToyVLM.forward_with_attention_entropy``);
-``--bos-first`` trains the LLaVA-like layout with BOS before the image.  Measured (BENCHMARKS.md,
-issue 5, session 7): attention concentrates and dense accuracy stays at 100%, but counting
-still needs layer 0's attention over most of the image, so the shipped weights stay the
-dense-trained ones.
+Dense training leaves attention spread over most of the image (ZipVL at tau=0.975 keeps 86% of
+the tokens).  ``--init W --attn-entropy L`` fine-tunes weights with a penalty on how spread the
+attention mass of the least concentrated layer is (``ToyVLM.forward_with_attention_entropy``),
+with BOS before the image (``--bos-first``, LLaVA's layout: a token every query can find, where
+the mass gathers), dense accuracy stays at 100%.  Layer 0 still reads most of the image to
+count, so ZipVL runs the toy with ``dense_layers=1`` (BENCHMARKS.md, issue 5, session 7).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from . import task
 from .model import ToyVLM, ToyVLMConfig
 
 EVAL_SEED = 10 ** 9
-DEFAULT_STAGES = "4:1500:0 4:1000:0012 8:1500:0012 16:1500:0012 24:2000:0012"  # shipped model
+DEFAULT_STAGES = "4:1500:0 4:1000:0012 8:1500:0012 16:1500:0012 24:2000:0012"  # dense stage
 
 
 @torch.no_grad()
