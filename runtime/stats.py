@@ -69,7 +69,7 @@ def report_dense(record: SiteRecord) -> None:
         return
     _reported.add(key)
     expected = (record.phase == "decode"
-                or record.reason.startswith(("non-causal", "prompt shorter")))
+                or record.reason.startswith(("non-causal", "prompt shorter", "among the first")))
     (logger.info if expected else logger.warning)(
         "zipvl: %s (%s) keeps dense attention: %s", record.site, record.phase, record.reason)
 

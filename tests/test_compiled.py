@@ -1,4 +1,6 @@
 """The zipvl backend through Inductor (CPU, fp32) on a toy decoder, against the reference."""
+import logging
+
 import pytest
 import torch
 
@@ -148,12 +150,16 @@ def test_stop_after_runs_the_stages_then_exact_dense_attention(model, stage, mon
 
 
 @torch.no_grad()
-def test_the_first_dense_layers_keep_dense_attention(model):
-    """dense_layers=1: layers.0 stays exact dense attention (reported with the reason), the
-    other layer is sparse; the output equals a reference model whose first layer is dense."""
+def test_the_first_dense_layers_keep_dense_attention(model, caplog):
+    """dense_layers=1: layers.0 stays exact dense attention (reported with the reason, at info
+    level: it was asked for), the other layer is sparse; the output equals a reference model
+    whose first layer is dense."""
     ids = torch.randint(0, 64, (2, 160))
     be = zipvl_compile.backend(CFG, dense_layers=1)
-    out = torch.compile(model, backend=be, dynamic=False)(ids)
+    with caplog.at_level(logging.INFO, logger="zipvl_compile"):
+        out = torch.compile(model, backend=be, dynamic=False)(ids)
+    (logged,) = [r for r in caplog.records if "dense_layers=1" in r.getMessage()]
+    assert logged.levelno == logging.INFO
     dense, sparse = be.decisions
     assert (dense.name, dense.sparse) == ("layers.0", False)
     assert dense.reason == "among the first dense_layers=1 layers (config)"
