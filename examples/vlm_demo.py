@@ -7,8 +7,9 @@ The toy VLM (``zipvl_compile/toyvlm``: patch encoder + projector + a transformer
 trained in this repo) answers generated questions about 24 x 24-patch images (576 visual
 tokens): *find* the glyph of the one patch of a colour (easy), *count* the patches of a colour
 (2-4 medium, 5-9 hard).  It answers them dense, with the zipvl backend (adaptive budget,
-tau=0.975; layer 0 dense, ``dense_layers=1``: the toy's first layer reads the whole image), and with the zipvl backend plus the mixed-precision KV cache (4-bit kept tokens,
-2-bit others), and prints accuracy, per-layer kept ratios and the cache's memory.  Expect a few
+tau=0.975; layer 0 dense, ``dense_layers=1``: the toy's first layer reads the whole image), and
+with the zipvl backend plus the mixed-precision KV cache (4-bit kept tokens, 2-bit others), and
+prints accuracy, per-layer kept ratios and the cache's memory.  Expect a few
 minutes of compilation on a laptop CPU.  ``python -m zipvl_compile.eval`` is the full harness.
 """
 import argparse

@@ -26,10 +26,10 @@ def key_padding_summary(pad, q):
     q [B, H, n, d]: computed from the padding, O(n)."""
     B, _, n, _ = q.shape
     if pad is None:
-        return (torch.ones(B, n, dtype=torch.bool, device=q.device),
-                torch.full((), masks.STANDARD, dtype=torch.long, device=q.device))
-    torch._check(pad.shape[1] >= n, lambda: f"key padding of width {pad.shape[1]} < {n} keys")
-    valid = pad[:, :n].bool()
+        valid = torch.ones(B, n, dtype=torch.bool, device=q.device)
+    else:
+        torch._check(pad.shape[1] >= n, lambda: f"key padding of width {pad.shape[1]} < {n}")
+        valid = pad[:, :n].bool()
     return valid, torch.full((), masks.STANDARD, dtype=torch.long, device=q.device)
 
 

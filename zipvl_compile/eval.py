@@ -173,7 +173,7 @@ def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = N
                         sums.setdefault(r.site, []).append(ratio)
                         order[r.site] = None
                         seen.add(r.site)
-                        if r.path == "dense" and r.kept_ratio is None:
+                        if r.path == "dense":
                             dense_at_compile.add(r.site)
                 for site in dense_at_compile - seen:
                     sums.setdefault(site, []).append(1.0)

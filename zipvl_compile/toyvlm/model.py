@@ -77,7 +77,7 @@ class ToyVLM(nn.Module):
         out = self.patch_head(self.patch_encoder(pixels))
         return out[..., :task.N_GLYPHS + 1], out[..., task.N_GLYPHS + 1:]
 
-    def forward(self, pixels: torch.Tensor, text: torch.Tensor):
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Training: logits [B, 2, VOCAB] at the colour token (predicts ANS) and at ANS
         (predicts the answer); text is the full [BOS, QTYPE, COLOUR, ANS]."""
         h = self.language_model(inputs_embeds=self.embed(pixels, text)).last_hidden_state

@@ -104,21 +104,14 @@ def main():
     torch.manual_seed(args.seed)
     final_grid = args.stages[-1][0]
     schedule = [(g, lv) for g, s, lv in args.stages for _ in range(s)]
-    config = ToyVLMConfig(grid=final_grid, bos_first=args.bos_first)
-    init_meta = {}
     if args.init:  # the architecture (and layout) are the initial weights'
-        from safetensors import safe_open
+        from ..eval import load_toyvlm
 
-        with safe_open(args.init, "pt") as f:
-            init_meta = dict(f.metadata() or {})
-        config = ToyVLMConfig(**dict(json.loads(init_meta["config"]), grid=final_grid))
-        args.bos_first = config.bos_first
-    model = ToyVLM(config).to(args.device)
-    if args.init:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(args.init, device=str(args.device)))
-    args.init_command = init_meta.get("command")
+        model, init_meta = load_toyvlm(args.init)
+        model = model.train().to(args.device)
+        args.init_command = init_meta.get("command")
+    else:
+        model = ToyVLM(ToyVLMConfig(grid=final_grid, bos_first=args.bos_first)).to(args.device)
     if args.attn_entropy:
         model.language_model.set_attn_implementation("eager")  # SDPA returns no weights
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -185,7 +178,7 @@ def save(model, args, path, grid, after_stage):
                 command=f"python -m zipvl_compile.toyvlm.train --stages {text} "
                         f"--batch {args.batch} --lr {args.lr} --warmup {args.warmup} "
                         f"--vision-loss {args.vision_loss} --attn-entropy {args.attn_entropy} "
-                        f"--seed {args.seed}" + (" --bos-first" if args.bos_first else "")
+                        f"--seed {args.seed}" + (" --bos-first" if model.config.bos_first else "")
                         + (f" --init {args.init}" if args.init else ""),
                 after_stage=str(after_stage))
     if args.init:   # how the weights it started from were made
