@@ -102,8 +102,8 @@ def nbytes(args) -> int:
     return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
 
 
-def sweep(n, batches):
-    """Launch parameters of the Triton kernel, 4/2 cache, context n."""
+def sweep(contexts, batches):
+    """Launch parameters of the Triton kernel (tiles per program, register cap), 4/2 cache."""
     import itertools
 
     from tabulate import tabulate
@@ -111,18 +111,22 @@ def sweep(n, batches):
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for B in batches:
+    for B, n in itertools.product(batches, contexts):
         q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn_like(k)
         cache = mixed_cache(k, v, 4, 2, gen)
         read = nbytes(cache)
-        for stages, pps, warps, block in itertools.product((2, 3), (4, 8, 16), (2, 4, 8),
-                                                           (64, 128)):
-            td.NUM_STAGES, td.PROGRAMS_PER_SM, td.NUM_WARPS, td.BLOCK_N = stages, pps, warps, block
+        for per_program, cap in itertools.product((1, 2, 4, 8, 16), (None, 128)):
+            td.TILES_PER_PROGRAM = per_program
+            td.CAP_FROM_TILES_PER_SM = 10 ** 9 if cap is None else 0
+            td.REGISTER_CAP = cap or 0
             t = gpu_time(lambda: torch.ops.zipvl.decode_attention(q, None, D ** -0.5, *cache))
-            rows.append([B, stages, pps, warps, block, f"{t * 1e6:.1f}", f"{read / t / 1e12:.2f}"])
-    print(tabulate(rows, headers=["batch", "stages", "programs/SM", "warps", "block", "us",
+            rows.append([B, n, per_program, cap or "-", f"{t * 1e6:.1f}",
+                         f"{read / t / 1e12:.2f}"])
+        del k, v, cache
+        torch.cuda.empty_cache()
+    print(tabulate(rows, headers=["batch", "context", "tiles/program", "max registers", "us",
                                   "TB/s"]))
 
 
@@ -136,14 +140,14 @@ def main():
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen2-7b",
                     help="head layout of the layer (default: Qwen2-7B, 7 query heads per KV head)")
     ap.add_argument("--sweep", action="store_true",
-                    help="time kernel launch parameters at the largest context, then exit")
+                    help="time kernel launch parameters (4/2 cache), then exit")
     args = ap.parse_args()
     from tabulate import tabulate
 
     global H, HKV
     H, HKV = SHAPES[args.shape]
     if args.sweep:
-        return sweep(max(args.contexts), args.batches)
+        return sweep(args.contexts, args.batches)
 
     copy_bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "

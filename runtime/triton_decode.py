@@ -3,11 +3,14 @@
 Grid: one program per (sequence, KV head, chunk of slots) of each segment.  A program loads the
 ``g`` query heads that share its KV head (padded to 16 rows for ``tl.dot``), streams its chunk
 in tiles of ``BLOCK_N`` slots and keeps an online softmax.  Quantized tiles are read plane by
-plane (``quant``'s packing) and turned into floats with integer ops (``_plane``); scales and
-minima are applied outside the dot products (``_qk_plane``, ``_pv_plane``).  Its partial
+plane (``quant``'s packing) and turned into floats with integer ops (``_plane``; for bf16, four
+codes per 32-bit register with byte permutes, ``_plane_asm``); scales and minima are applied
+outside the dot products (``_qk_plane``, ``_pv_plane``).  The kernel is bound by instructions
+per tile, not by bytes (BENCHMARKS.md), hence the inline PTX.  Its partial
 (max, denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials
 of every chunk of every segment.  Nothing of the cached length is materialized in full
-precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
+precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).  All
+segments together get about one program per ``TILES_PER_PROGRAM`` tiles.
 
 Shapes as in ``decode_attention``; d a power of two >= 16.
 """
@@ -19,13 +22,18 @@ import triton.language as tl
 
 from . import quant
 
-# Launch parameters: the best of a sweep on an H100 at 128K, batch 1 and 8 (BENCHMARKS.md).
+# Launch parameters: the best of sweeps on an H100 at 128K, batch 1 and 8 (BENCHMARKS.md).
 BLOCK_N = 128         # slots per tile (less when a key group is smaller)
 QROWS = 16            # query rows per program (tl.dot needs >= 16)
-PROGRAMS_PER_SM = 4   # partial-kernel programs launched per SM (all segments together)
+TILES_PER_PROGRAM = 8  # partial programs launched: all tiles / this, between 1 and
+MAX_PROGRAMS_PER_SM = 8  # this many per SM (all segments together)
 NUM_STAGES = 3        # software pipelining depth of the tile loop
 NUM_WARPS = 4
 MIN_TILES = 1         # tiles per chunk at least
+# From this many tiles per SM on, the partial kernel is compiled with at most REGISTER_CAP
+# registers per thread: 4 programs fit on an SM instead of 2, worth more than the spills.
+CAP_FROM_TILES_PER_SM = 64
+REGISTER_CAP = 128
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 
 
@@ -73,12 +81,51 @@ def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     return tl.dot(a.to(DT), b.to(DT))
 
 
+def _plane_asm(bits: int, j: int) -> str:
+    """PTX for plane ``j`` of four packed bytes (one 32-bit register, ``$2``) as four bf16
+    ``128 + code`` (two registers, ``$0`` and ``$1``): a shift and a mask leave the codes in the
+    low bits of each byte, and two byte permutes put the byte 0x43 (the high byte of bf16 128)
+    above each of them.  Three or four instructions for four codes."""
+    high = quant.float_magic(torch.bfloat16, bits)[0] >> 8
+    fill = f"0x{high:02X}{high:02X}{high:02X}{high:02X}"
+    mask = "0x" + f"{(1 << bits) - 1:02X}" * 4
+    shift = f"shr.b32 t, $2, {j * bits}; and.b32 t, t, {mask};" if j else \
+        f"and.b32 t, $2, {mask};"
+    return (f"{{ .reg .b32 t; {shift} prmt.b32 $0, t, {fill}, 0x4140; "
+            f"prmt.b32 $1, t, {fill}, 0x4342; }}")
+
+
+# one per (bits, plane): JIT code reads globals only as constexprs
+_ASM_4_0 = tl.constexpr(_plane_asm(4, 0))
+_ASM_4_1 = tl.constexpr(_plane_asm(4, 1))
+_ASM_2_0 = tl.constexpr(_plane_asm(2, 0))
+_ASM_2_1 = tl.constexpr(_plane_asm(2, 1))
+_ASM_2_2 = tl.constexpr(_plane_asm(2, 2))
+_ASM_2_3 = tl.constexpr(_plane_asm(2, 3))
+
+
+@triton.jit
+def _bf16_magic_plane(packed, J: tl.constexpr, BITS: tl.constexpr):
+    """Plane J of packed codes [BLOCK, W] (uint8, BITS 4 or 2) as bf16 128 + code, by
+    ``_plane_asm`` on four bytes at a time."""
+    if BITS == 4:
+        asm: tl.constexpr = _ASM_4_0 if J == 0 else _ASM_4_1
+    else:
+        asm: tl.constexpr = _ASM_2_0 if J == 0 else (
+            _ASM_2_1 if J == 1 else (_ASM_2_2 if J == 2 else _ASM_2_3))
+    return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True,
+                                     pack=4)
+
+
 @triton.jit
 def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr,
            DT: tl.constexpr):
     """Plane J of packed codes [BLOCK, W] (uint8) as DT [BLOCK, W]: the code, or with MAGIC_BITS
     the float whose bits are ``MAGIC_BITS | code`` (= magic + code; integer ops only, no
-    int-to-float conversion, which runs at a quarter of the ALU rate)."""
+    int-to-float conversion, which runs at a quarter of the ALU rate).  bf16 with magic (the
+    benchmarked case) goes through ``_bf16_magic_plane``: the same values, fewer instructions."""
+    if MAGIC_BITS != 0 and DT == tl.bfloat16:
+        return _bf16_magic_plane(packed, J, BITS)
     code = (packed >> (J * BITS)) & ((1 << BITS) - 1)
     if MAGIC_BITS:
         return (code.to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True)
@@ -90,18 +137,18 @@ def _qk_plane(q, kp, KS, KL, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.c
               MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
               DT: tl.constexpr):
     """Plane J's share of the scores of q [QR, W] (its channels J*W ..) over a tile of packed
-    keys kp [BLOCK, W]: ``(q * s) . (magic + code)`` [QR, BLOCK] and the per-row term
-    ``q . low - magic * sum(q * s)`` [QR] that turns it into q . k (s, low: the tile's
-    per-channel scale and minimum)."""
+    keys kp [BLOCK, W]: ``(q * s) . (magic + code)`` [QR, BLOCK] and the terms [QR, W] whose
+    row sums turn it into q . k: ``q * low - magic * (q * s)`` (s, low: the tile's per-channel
+    scale and minimum; the caller sums the planes' terms first, then reduces once)."""
     c = J * W + tl.arange(0, W)
     kscale = tl.load(KS + g_off + c).to(tl.float32)
     klow = tl.load(KL + g_off + c).to(tl.float32)
     qs = (q * kscale[None, :]).to(DT)
     s = _dot(qs, tl.trans(_plane(kp, J, BITS, MAGIC_BITS, DT)), IEEE, DT)
-    row = tl.sum(q * klow[None, :], axis=1)
+    z = q * klow[None, :]
     if MAGIC_BITS:
-        row -= MAGIC * tl.sum(qs.to(tl.float32), axis=1)
-    return s, row
+        z -= MAGIC * qs.to(tl.float32)
+    return s, z
 
 
 @triton.jit
@@ -172,21 +219,20 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             s = _dot(q0, tl.trans(k_tile), IEEE, DT)
         else:
             g_off = b * s_ksb + hk * s_ksh + ((start + off) // GROUP) * s_ksg
-            s, row = _qk_plane(q0, k_tile, KS, KL, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE,
-                               DT)
+            s, z = _qk_plane(q0, k_tile, KS, KL, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE, DT)
             if PER > 1:
-                s1, row1 = _qk_plane(q1, k_tile, KS, KL, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
-                                     IEEE, DT)
+                s1, z1 = _qk_plane(q1, k_tile, KS, KL, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
+                                   IEEE, DT)
                 s += s1
-                row += row1
+                z += z1
             if PER > 2:
-                s2, row2 = _qk_plane(q2, k_tile, KS, KL, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
-                                     IEEE, DT)
-                s3, row3 = _qk_plane(q3, k_tile, KS, KL, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
-                                     IEEE, DT)
+                s2, z2 = _qk_plane(q2, k_tile, KS, KL, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
+                                   IEEE, DT)
+                s3, z3 = _qk_plane(q3, k_tile, KS, KL, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
+                                   IEEE, DT)
                 s += s2 + s3
-                row += row2 + row3
-            s += row[:, None]
+                z += z2 + z3
+            s += tl.sum(z, axis=1)[:, None]  # one reduction for every plane's row terms
         s = s * scale
         if HAS_POS:
             pos = tl.load(POS + b * s_pb + n, mask=live, other=-1)
@@ -212,9 +258,10 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                 vscale = tl.load(VS + t_off, mask=live, other=0.0).to(tl.float32)
                 vlow = tl.load(VL + t_off, mask=live, other=0.0).to(tl.float32)
                 pw = (p * vscale[None, :]).to(DT)
-                row_v = tl.sum(p * vlow[None, :], axis=1)
+                zv = p * vlow[None, :]
                 if MAGIC_BITS:
-                    row_v -= MAGIC * tl.sum(pw.to(tl.float32), axis=1)
+                    zv -= MAGIC * pw.to(tl.float32)
+                row_v = tl.sum(zv, axis=1)
             acc0 = acc0 * alpha[:, None] + row_v[:, None] + _pv_plane(
                 p, pw, v_tile, VS, VL, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT)
             if PER > 1:
@@ -290,9 +337,12 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     q = q if q.stride(-1) == 1 else q.contiguous()
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     total_slots = sum(s.slots for s in segs)
+    tiles = sum(B * Hkv * triton.cdiv(s.slots, _tile(s, q.dtype)) for s in segs)
+    programs = min(max(triton.cdiv(tiles, TILES_PER_PROGRAM), sms), MAX_PROGRAMS_PER_SM * sms)
+    cap = {"maxnreg": REGISTER_CAP} if tiles >= CAP_FROM_TILES_PER_SM * sms else {}
     plans = []  # (chunk length, number of chunks, tile) per segment
     for seg in segs:
-        share = max(1, PROGRAMS_PER_SM * sms * seg.slots // max(total_slots, 1))
+        share = max(1, programs * seg.slots // max(total_slots, 1))
         tile = _tile(seg, q.dtype)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile))
     n_chunks = sum(n for _, n, _ in plans)
@@ -320,7 +370,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=tile,
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
-            STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+            STAGES=NUM_STAGES, num_warps=NUM_WARPS, **cap)
         offset += count
     out = q.new_empty(B, H, 1, D)
     _merge[(B * Hkv, g)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0), out.stride(1),
