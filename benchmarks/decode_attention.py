@@ -103,7 +103,7 @@ def nbytes(args) -> int:
 
 
 def sweep(contexts, batches):
-    """Launch parameters of the Triton kernel (tiles per program, register cap), 4/2 cache."""
+    """Launch parameters of the Triton kernel (programs per SM, register cap), 4/2 cache."""
     import itertools
 
     from tabulate import tabulate
@@ -117,16 +117,15 @@ def sweep(contexts, batches):
         v = torch.randn_like(k)
         cache = mixed_cache(k, v, 4, 2, gen)
         read = nbytes(cache)
-        for per_program, cap in itertools.product((1, 2, 4, 8, 16), (None, 128)):
-            td.TILES_PER_PROGRAM = per_program
-            td.CAP_FROM_TILES_PER_SM = 10 ** 9 if cap is None else 0
+        for per_sm, cap in itertools.product((2, 4, 8), (None, 128)):
+            td.PROGRAMS_PER_SM = td.LARGE_PROGRAMS_PER_SM = per_sm
+            td.LARGE_FROM_TILES_PER_SM = 10 ** 9 if cap is None else 0
             td.REGISTER_CAP = cap or 0
             t = gpu_time(lambda: torch.ops.zipvl.decode_attention(q, None, D ** -0.5, *cache))
-            rows.append([B, n, per_program, cap or "-", f"{t * 1e6:.1f}",
-                         f"{read / t / 1e12:.2f}"])
+            rows.append([B, n, per_sm, cap or "-", f"{t * 1e6:.1f}", f"{read / t / 1e12:.2f}"])
         del k, v, cache
         torch.cuda.empty_cache()
-    print(tabulate(rows, headers=["batch", "context", "tiles/program", "max registers", "us",
+    print(tabulate(rows, headers=["batch", "context", "programs/SM", "max registers", "us",
                                   "TB/s"]))
 
 

@@ -9,8 +9,7 @@ outside the dot products (``_qk_plane``, ``_pv_plane``).  The kernel is bound by
 per tile, not by bytes (BENCHMARKS.md), hence the inline PTX.  Its partial
 (max, denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials
 of every chunk of every segment.  Nothing of the cached length is materialized in full
-precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).  All
-segments together get about one program per ``TILES_PER_PROGRAM`` tiles.
+precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
 
 Shapes as in ``decode_attention``; d a power of two >= 16.
 """
@@ -25,14 +24,15 @@ from . import quant
 # Launch parameters: the best of sweeps on an H100 at 128K, batch 1 and 8 (BENCHMARKS.md).
 BLOCK_N = 128         # slots per tile (less when a key group is smaller)
 QROWS = 16            # query rows per program (tl.dot needs >= 16)
-TILES_PER_PROGRAM = 8  # partial programs launched: all tiles / this, between 1 and
-MAX_PROGRAMS_PER_SM = 8  # this many per SM (all segments together)
+PROGRAMS_PER_SM = 4   # partial-kernel programs launched per SM (all segments together)
 NUM_STAGES = 3        # software pipelining depth of the tile loop
 NUM_WARPS = 4
 MIN_TILES = 1         # tiles per chunk at least
-# From this many tiles per SM on, the partial kernel is compiled with at most REGISTER_CAP
-# registers per thread: 4 programs fit on an SM instead of 2, worth more than the spills.
-CAP_FROM_TILES_PER_SM = 64
+# Large problems (at least this many tiles per SM, all segments together): LARGE_PROGRAMS_PER_SM
+# programs per SM, compiled with at most REGISTER_CAP registers per thread, so that 4 programs
+# fit on an SM instead of 2 (worth more than the spills it costs; measured in BENCHMARKS.md).
+LARGE_FROM_TILES_PER_SM = 48
+LARGE_PROGRAMS_PER_SM = 8
 REGISTER_CAP = 128
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 
@@ -338,8 +338,9 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     total_slots = sum(s.slots for s in segs)
     tiles = sum(B * Hkv * triton.cdiv(s.slots, _tile(s, q.dtype)) for s in segs)
-    programs = min(max(triton.cdiv(tiles, TILES_PER_PROGRAM), sms), MAX_PROGRAMS_PER_SM * sms)
-    cap = {"maxnreg": REGISTER_CAP} if tiles >= CAP_FROM_TILES_PER_SM * sms else {}
+    large = tiles >= LARGE_FROM_TILES_PER_SM * sms
+    programs = (LARGE_PROGRAMS_PER_SM if large else PROGRAMS_PER_SM) * sms
+    cap = {"maxnreg": REGISTER_CAP} if large else {}
     plans = []  # (chunk length, number of chunks, tile) per segment
     for seg in segs:
         share = max(1, programs * seg.slots // max(total_slots, 1))
