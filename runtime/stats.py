@@ -3,7 +3,9 @@
 Sites are registered at compile time (static facts: name, phase, path, reason).  Sparse sites
 update their budgets at run time; the host-read kernel stores plain ints, the graph-capturable
 kernel stores references to device tensors (no sync) that are read only when ``stats()`` is
-called.  Dense fallbacks are logged once per (site, phase, reason).
+called.  Sites decided at compile time (dense, fused decode) report through ``touch``, which the
+backend's wrapper of each compiled graph calls when the graph runs.  Dense fallbacks are logged
+once per (site, phase, reason).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class _Site:
         self.uid, self.record = uid, record
         self.pending: torch.Tensor | None = None  # [2, B] host copy of (budget, n_valid)
         self.touched = next(_clock)
+        self.static = record.path != "sparse"  # decided at compile time: reports via touch()
 
 
 _clock = itertools.count()
@@ -86,6 +89,16 @@ def note_slow_kernel(uid: int, kernel: str, reason: str) -> None:
         rec = _sites[uid].record
         rec.kernel, rec.reason, name = kernel, reason, rec.site
     logger.warning("zipvl: %s runs the %s kernel: %s", name, kernel, reason)
+
+
+def touch(uids: tuple[int, ...]) -> None:
+    """The compiled graph holding these sites runs: its sites decided at compile time (dense,
+    fused decode) count as reported now (sparse sites report from their kernels)."""
+    now = next(_clock)
+    for uid in uids:
+        site = _sites[uid]
+        if site.static:
+            site.touched = now
 
 
 def site_name(uid: int) -> str:
@@ -141,8 +154,8 @@ def stats() -> list[SiteRecord]:
 
 
 def reset() -> None:
-    """Hide every record until its site reports again (sparse sites report on each forward,
-    dense sites when they are compiled).  Compiled graphs stay valid."""
+    """Hide every record until its site reports again (sparse sites from their kernels, sites
+    decided at compile time whenever their graph runs).  Compiled graphs stay valid."""
     global _epoch
     with _lock:
         _epoch = next(_clock)

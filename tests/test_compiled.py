@@ -153,17 +153,24 @@ def test_stop_after_runs_the_stages_then_exact_dense_attention(model, stage, mon
 def test_the_first_dense_layers_keep_dense_attention(model, caplog):
     """dense_layers=1: layers.0 stays exact dense attention (reported with the reason, at info
     level: it was asked for), the other layer is sparse; the output equals a reference model
-    whose first layer is dense."""
+    whose first layer is dense.  After ``reset_stats()`` the next forward reports both layers
+    again, the one decided dense at compile time included."""
     ids = torch.randint(0, 64, (2, 160))
     be = zipvl_compile.backend(CFG, dense_layers=1)
+    f = torch.compile(model, backend=be, dynamic=False)
     with caplog.at_level(logging.INFO, logger="zipvl_compile"):
-        out = torch.compile(model, backend=be, dynamic=False)(ids)
+        out = f(ids)
     (logged,) = [r for r in caplog.records if "dense_layers=1" in r.getMessage()]
     assert logged.levelno == logging.INFO
     dense, sparse = be.decisions
     assert (dense.name, dense.sparse) == ("layers.0", False)
     assert dense.reason == "among the first dense_layers=1 layers (config)"
     assert (sparse.name, sparse.sparse) == ("layers.1", True)
+    zipvl_compile.reset_stats()
+    assert zipvl_compile.stats() == []
+    f(ids)
+    assert [(r.site, r.path) for r in zipvl_compile.stats()] == [("layers.0", "dense"),
+                                                                  ("layers.1", "sparse")]
 
     def attn(q, k, v, mask, layer):
         if layer == 0:

@@ -7,12 +7,14 @@ Inductor config patches, as with the inductor backend.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
 from .passes import PassManager, SiteDecision  # noqa: F401  (re-exported for users)
 from .config import ZipVLConfig
+from .runtime import stats
 
 logger = logging.getLogger("zipvl_compile")
 
@@ -53,9 +55,26 @@ class ZipVLBackend:
         self.decisions.extend(decisions)
         logger.debug("zipvl: graph with %d attention sites, %d sparse", len(decisions),
                      sum(d.sparse for d in decisions))
-        if not self.inductor:
-            return gm.forward
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        compiled = (compile_fx(gm, example_inputs, config_patches=patches or None)
+                    if self.inductor else gm.forward)
+        return _reporting(compiled, tuple(d.uid for d in decisions))
+
+
+def _reporting(compiled, uids: tuple[int, ...]):
+    """``compiled`` telling ``stats`` that its sites ran, so that the sites decided at compile
+    time show in ``stats()`` after a ``reset_stats()``.  Dynamo calls a backend's result with
+    the graph's inputs as positional arguments; the attributes AOTAutograd attaches are kept,
+    except ``_boxed_call``, which it copies from an inner function and which does not hold for
+    the callable Dynamo receives."""
+    if not uids:
+        return compiled
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        stats.touch(uids)
+        return compiled(*args, **kwargs)
+    run.__dict__.pop("_boxed_call", None)
+    return run
 
 
 def backend(config: ZipVLConfig | None = None, *, inductor: bool = True,

@@ -151,10 +151,7 @@ def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = N
     if setting.backend is not None:
         compile_language_model(data.model, inductor=inductor, **setting.backend)
     results = []
-    # every prefill site seen under this setting, in layer order, and those decided dense when
-    # compiling: stats() shows a compile-time record only until the next reset_stats()
-    order: dict[str, None] = {}
-    dense_at_compile: set[str] = set()
+    order: dict[str, None] = {}  # every prefill site seen under this setting, in layer order
     try:
         for level in data.levels:
             res = Result(setting.name, level, data.count(level))
@@ -166,17 +163,11 @@ def evaluate(data, setting: Setting, *, batch: int, cache_sizes: dict | None = N
                 correct, predicted = data.answer(chunk, cache)
                 res.correct += correct
                 res.predicted += predicted
-                seen = set()
                 for r in stats():   # a dense prefill (e.g. dense_layers) keeps every token
                     ratio = 1.0 if r.path == "dense" else r.kept_ratio
                     if r.phase == "prefill" and ratio is not None:
                         sums.setdefault(r.site, []).append(ratio)
                         order[r.site] = None
-                        seen.add(r.site)
-                        if r.path == "dense":
-                            dense_at_compile.add(r.site)
-                for site in dense_at_compile - seen:
-                    sums.setdefault(site, []).append(1.0)
                 if setting.cache is not None:
                     held, dense = held + cache.memory_bytes(), dense + cache.dense_bytes()
                 if progress is not None:
