@@ -1,6 +1,7 @@
 """One decode step of attention for a Qwen2-7B (or LLaVA-7B: --shape) layer over a long KV cache.
 
-28 query heads, 4 KV heads, head dim 128, bf16.  Baseline: PyTorch SDPA over the bf16 cache
+28 query heads, 4 KV heads, head dim 128, bf16 (``--dtype float16``: fp16).  Baseline: PyTorch
+SDPA over the 16-bit cache
 (every available backend -- flash, cuDNN, efficient -- is timed and the fastest is the
 baseline).  ZipVL: ``zipvl::decode_attention`` (Triton) over a mixed-precision cache built
 directly (random K/V, a random half of the prompt important, as ``ZipVLCache`` stores it after
@@ -26,6 +27,7 @@ sys.path.insert(0, ".")
 from zipvl_compile.runtime import decode_attention as da, kv_split  # noqa: E402
 
 H, HKV, D = 28, 4, 128
+DTYPE, DTYPE_NAME = torch.bfloat16, "bf16"
 SHAPES = {"qwen2-7b": (28, 4), "llava-7b": (32, 32)}  # (query heads, KV heads), head dim 128
 
 
@@ -112,8 +114,8 @@ def sweep(contexts, batches):
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for B, n in itertools.product(batches, contexts):
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE, generator=gen)
+        k = torch.randn(B, HKV, n, D, device="cuda", dtype=DTYPE, generator=gen)
         v = torch.randn_like(k)
         cache = mixed_cache(k, v, 4, 2, gen)
         read = nbytes(cache)
@@ -138,32 +140,37 @@ def main():
                     help="cache settings high/low to time (default: 4/2 4/0)")
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen2-7b",
                     help="head layout of the layer (default: Qwen2-7B, 7 query heads per KV head)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="dtype of q and of the dense cache (default bfloat16)")
     ap.add_argument("--sweep", action="store_true",
                     help="time kernel launch parameters (4/2 cache), then exit")
     args = ap.parse_args()
     from tabulate import tabulate
 
-    global H, HKV
+    global H, HKV, DTYPE, DTYPE_NAME
     H, HKV = SHAPES[args.shape]
+    DTYPE = getattr(torch, args.dtype)
+    DTYPE_NAME = {"bfloat16": "bf16", "float16": "fp16"}[args.dtype]
     if args.sweep:
         return sweep(args.contexts, args.batches)
 
     copy_bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"device-to-device copy {copy_bw / 1e12:.2f} TB/s  layer: {H} query heads, {HKV} KV "
-          f"heads, head dim {D}")
+          f"heads, head dim {D}, {DTYPE_NAME}")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for B in args.batches:
         for n in args.contexts:
-            q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-            v = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            q = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE, generator=gen)
+            k = torch.randn(B, HKV, n, D, device="cuda", dtype=DTYPE, generator=gen)
+            v = torch.randn(B, HKV, n, D, device="cuda", dtype=DTYPE, generator=gen)
             dense = dense_baselines(q, k, v)
             best = min(dense, key=lambda name: dense[name][0])
             t_dense, ref = dense[best]
             dense_bytes = nbytes([q, k, v])
-            rows.append(dict(batch=B, context=n, kernel=f"bf16 SDPA ({best})", us=t_dense * 1e6,
+            rows.append(dict(batch=B, context=n, kernel=f"{DTYPE_NAME} SDPA ({best})",
+                             us=t_dense * 1e6,
                              eager_us=None, bytes=dense_bytes, tbps=dense_bytes / t_dense / 1e12,
                              speedup=1.0, rel_err=0.0,
                              others={m: round(t * 1e6, 1) for m, (t, _) in dense.items()}))
@@ -194,7 +201,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           shape=args.shape, heads=H, kv_heads=HKV,
+                           shape=args.shape, dtype=args.dtype, heads=H, kv_heads=HKV,
                            copy_tbps=copy_bw / 1e12, rows=rows), f, indent=1)
 
 

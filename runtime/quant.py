@@ -69,6 +69,29 @@ def float_magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
     return 0, 0.0
 
 
+def plane_asm(bits: int, j: int, dtype: torch.dtype) -> str:
+    """PTX for plane ``j`` of four packed bytes (one 32-bit register, ``$2``) as four 16-bit
+    floats (two registers, ``$0`` and ``$1``), or '' where the kernel converts codes with plain
+    Triton ops (8 bits, fp32 queries).  A shift and a mask leave the codes in the low bits of
+    each byte; two byte permutes put a constant byte above each code: 0x43 makes the bf16
+    ``128 + code`` (the kernel subtracts 128 outside its dot products, ``float_magic``),
+    0x64 the fp16 ``1024 + code``, from which one subtraction per register (two codes) leaves
+    the exact code (subtracting 1024 after an fp16 dot product cancels too much).  Four codes
+    in 3-6 instructions."""
+    if bits not in (2, 4) or dtype not in (torch.bfloat16, torch.float16):
+        return ""
+    high = 0x43 if dtype == torch.bfloat16 else 0x64
+    assert dtype != torch.bfloat16 or float_magic(dtype, bits)[0] == high << 8
+    fill = f"0x{high:02X}{high:02X}{high:02X}{high:02X}"
+    mask = "0x" + f"{(1 << bits) - 1:02X}" * 4
+    shift = f"shr.b32 t, $2, {j * bits}; and.b32 t, t, {mask};" if j else \
+        f"and.b32 t, $2, {mask};"
+    exact = ("mov.b32 m, 0x64006400; sub.rn.f16x2 $0, $0, m; sub.rn.f16x2 $1, $1, m; "
+             if dtype == torch.float16 else "")
+    return (f"{{ .reg .b32 t, m; {shift} prmt.b32 $0, t, {fill}, 0x4140; "
+            f"prmt.b32 $1, t, {fill}, 0x4342; {exact}}}")
+
+
 def _grouped(x: torch.Tensor, group_size: int, per_channel: bool) -> torch.Tensor:
     """View x [..., T, d] as groups on dim -2: [..., T//g, g, d] or [..., T, d//g, g]."""
     *lead, T, d = x.shape

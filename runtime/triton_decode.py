@@ -3,13 +3,13 @@
 Grid: one program per (sequence, KV head, chunk of slots) of each segment.  A program loads the
 ``g`` query heads that share its KV head (padded to 16 rows for ``tl.dot``), streams its chunk
 in tiles of ``BLOCK_N`` slots and keeps an online softmax.  Quantized tiles are read plane by
-plane (``quant``'s packing) and turned into floats with integer ops (``_plane``; for bf16, four
-codes per 32-bit register with byte permutes, ``_plane_asm``); scales and minima are applied
-outside the dot products (``_qk_plane``, ``_pv_plane``).  The kernel is bound by instructions
-per tile, not by bytes (BENCHMARKS.md), hence the inline PTX.  Its partial
-(max, denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials
-of every chunk of every segment.  Nothing of the cached length is materialized in full
-precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
+plane (``quant``'s packing) and turned into floats with integer ops (``_plane``; for bf16 and
+fp16, four codes per 32-bit register with byte permutes in inline PTX, ``quant.plane_asm``: the
+kernel is bound by instructions per tile, not by bytes, BENCHMARKS.md); scales and minima are
+applied outside the dot products (``_qk_plane``, ``_pv_plane``).  Its partial (max,
+denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials of
+every chunk of every segment.  Nothing of the cached length is materialized in full precision:
+the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
 
 Shapes as in ``decode_attention``; d a power of two >= 16.
 """
@@ -81,51 +81,19 @@ def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     return tl.dot(a.to(DT), b.to(DT))
 
 
-def _plane_asm(bits: int, j: int) -> str:
-    """PTX for plane ``j`` of four packed bytes (one 32-bit register, ``$2``) as four bf16
-    ``128 + code`` (two registers, ``$0`` and ``$1``): a shift and a mask leave the codes in the
-    low bits of each byte, and two byte permutes put the byte 0x43 (the high byte of bf16 128)
-    above each of them.  Three or four instructions for four codes."""
-    high = quant.float_magic(torch.bfloat16, bits)[0] >> 8
-    fill = f"0x{high:02X}{high:02X}{high:02X}{high:02X}"
-    mask = "0x" + f"{(1 << bits) - 1:02X}" * 4
-    shift = f"shr.b32 t, $2, {j * bits}; and.b32 t, t, {mask};" if j else \
-        f"and.b32 t, $2, {mask};"
-    return (f"{{ .reg .b32 t; {shift} prmt.b32 $0, t, {fill}, 0x4140; "
-            f"prmt.b32 $1, t, {fill}, 0x4342; }}")
-
-
-# one per (bits, plane): JIT code reads globals only as constexprs
-_ASM_4_0 = tl.constexpr(_plane_asm(4, 0))
-_ASM_4_1 = tl.constexpr(_plane_asm(4, 1))
-_ASM_2_0 = tl.constexpr(_plane_asm(2, 0))
-_ASM_2_1 = tl.constexpr(_plane_asm(2, 1))
-_ASM_2_2 = tl.constexpr(_plane_asm(2, 2))
-_ASM_2_3 = tl.constexpr(_plane_asm(2, 3))
-
-
-@triton.jit
-def _bf16_magic_plane(packed, J: tl.constexpr, BITS: tl.constexpr):
-    """Plane J of packed codes [BLOCK, W] (uint8, BITS 4 or 2) as bf16 128 + code, by
-    ``_plane_asm`` on four bytes at a time."""
-    if BITS == 4:
-        asm: tl.constexpr = _ASM_4_0 if J == 0 else _ASM_4_1
-    else:
-        asm: tl.constexpr = _ASM_2_0 if J == 0 else (
-            _ASM_2_1 if J == 1 else (_ASM_2_2 if J == 2 else _ASM_2_3))
-    return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True,
-                                     pack=4)
-
-
 @triton.jit
 def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr,
-           DT: tl.constexpr):
+           DT: tl.constexpr, ASM: tl.constexpr):
     """Plane J of packed codes [BLOCK, W] (uint8) as DT [BLOCK, W]: the code, or with MAGIC_BITS
-    the float whose bits are ``MAGIC_BITS | code`` (= magic + code; integer ops only, no
-    int-to-float conversion, which runs at a quarter of the ALU rate).  bf16 with magic (the
-    benchmarked case) goes through ``_bf16_magic_plane``: the same values, fewer instructions."""
-    if MAGIC_BITS != 0 and DT == tl.bfloat16:
-        return _bf16_magic_plane(packed, J, BITS)
+    the float whose bits are ``MAGIC_BITS | code`` (= magic + code).  With ``ASM``
+    (``quant.plane_asm``, bf16 and fp16) four bytes at a time in inline PTX; else with Triton ops."""
+    if ASM != "":
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,r", [packed], dtype=tl.bfloat16,
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,r", [packed], dtype=tl.float16,
+                                             is_pure=True, pack=4)
     code = (packed >> (J * BITS)) & ((1 << BITS) - 1)
     if MAGIC_BITS:
         return (code.to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True)
@@ -135,7 +103,7 @@ def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr
 @triton.jit
 def _qk_plane(q, kp, KS, KL, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
               MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
-              DT: tl.constexpr):
+              DT: tl.constexpr, ASM: tl.constexpr):
     """Plane J's share of the scores of q [QR, W] (its channels J*W ..) over a tile of packed
     keys kp [BLOCK, W]: ``(q * s) . (magic + code)`` [QR, BLOCK] and the terms [QR, W] whose
     row sums turn it into q . k: ``q * low - magic * (q * s)`` (s, low: the tile's per-channel
@@ -144,7 +112,7 @@ def _qk_plane(q, kp, KS, KL, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.c
     kscale = tl.load(KS + g_off + c).to(tl.float32)
     klow = tl.load(KL + g_off + c).to(tl.float32)
     qs = (q * kscale[None, :]).to(DT)
-    s = _dot(qs, tl.trans(_plane(kp, J, BITS, MAGIC_BITS, DT)), IEEE, DT)
+    s = _dot(qs, tl.trans(_plane(kp, J, BITS, MAGIC_BITS, DT, ASM)), IEEE, DT)
     z = q * klow[None, :]
     if MAGIC_BITS:
         z -= MAGIC * qs.to(tl.float32)
@@ -154,16 +122,17 @@ def _qk_plane(q, kp, KS, KL, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.c
 @triton.jit
 def _pv_plane(p, pw, vp, VS, VL, t_off, live, J: tl.constexpr, W: tl.constexpr,
               BITS: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
-              MAGIC_BITS: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
+              MAGIC_BITS: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+              ASM: tl.constexpr):
     """Plane J's share [QR, W] of p @ v over a tile of packed values vp [BLOCK, W].  One scale
     per token (VGROUP == D): ``pw @ (magic + code)`` with pw = p * scale (the caller adds the
     per-row terms).  Smaller value groups: dequantize the plane, then ``p @ v``."""
     if VGROUP == D:
-        return _dot(pw, _plane(vp, J, BITS, MAGIC_BITS, DT), IEEE, DT)
+        return _dot(pw, _plane(vp, J, BITS, MAGIC_BITS, DT, ASM), IEEE, DT)
     gi = (J * W + tl.arange(0, W)) // VGROUP
     vscale = tl.load(VS + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
     vlow = tl.load(VL + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
-    v = _plane(vp, J, BITS, 0, tl.float32) * vscale.to(tl.float32) + vlow.to(tl.float32)
+    v = _plane(vp, J, BITS, 0, tl.float32, "") * vscale.to(tl.float32) + vlow.to(tl.float32)
     return _dot(p, v, IEEE, DT)
 
 
@@ -175,7 +144,8 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
               QR: tl.constexpr, BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC_BITS: tl.constexpr,
-              MAGIC: tl.constexpr, STAGES: tl.constexpr):
+              MAGIC: tl.constexpr, STAGES: tl.constexpr, A0: tl.constexpr, A1: tl.constexpr,
+              A2: tl.constexpr, A3: tl.constexpr):
     """Partial softmax of one (sequence, KV head, chunk).  Quantized keys are never
     dequantized: with per-channel scale s and minimum z constant over a tile (tiles lie inside
     one key group), q.k = (q * s).code + q.z; values with one scale per token likewise,
@@ -219,17 +189,18 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             s = _dot(q0, tl.trans(k_tile), IEEE, DT)
         else:
             g_off = b * s_ksb + hk * s_ksh + ((start + off) // GROUP) * s_ksg
-            s, z = _qk_plane(q0, k_tile, KS, KL, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE, DT)
+            s, z = _qk_plane(q0, k_tile, KS, KL, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE, DT,
+                             A0)
             if PER > 1:
                 s1, z1 = _qk_plane(q1, k_tile, KS, KL, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
-                                   IEEE, DT)
+                                   IEEE, DT, A1)
                 s += s1
                 z += z1
             if PER > 2:
                 s2, z2 = _qk_plane(q2, k_tile, KS, KL, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
-                                   IEEE, DT)
+                                   IEEE, DT, A2)
                 s3, z3 = _qk_plane(q3, k_tile, KS, KL, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
-                                   IEEE, DT)
+                                   IEEE, DT, A3)
                 s += s2 + s3
                 z += z2 + z3
             s += tl.sum(z, axis=1)[:, None]  # one reduction for every plane's row terms
@@ -263,18 +234,19 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                     zv -= MAGIC * pw.to(tl.float32)
                 row_v = tl.sum(zv, axis=1)
             acc0 = acc0 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                p, pw, v_tile, VS, VL, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT)
+                p, pw, v_tile, VS, VL, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT,
+                A0)
             if PER > 1:
                 acc1 = acc1 * alpha[:, None] + row_v[:, None] + _pv_plane(
                     p, pw, v_tile, VS, VL, t_off, live, 1, W, BITS, VGROUP, D, MAGIC_BITS,
-                    IEEE, DT)
+                    IEEE, DT, A1)
             if PER > 2:
                 acc2 = acc2 * alpha[:, None] + row_v[:, None] + _pv_plane(
                     p, pw, v_tile, VS, VL, t_off, live, 2, W, BITS, VGROUP, D, MAGIC_BITS,
-                    IEEE, DT)
+                    IEEE, DT, A2)
                 acc3 = acc3 * alpha[:, None] + row_v[:, None] + _pv_plane(
                     p, pw, v_tile, VS, VL, t_off, live, 3, W, BITS, VGROUP, D, MAGIC_BITS,
-                    IEEE, DT)
+                    IEEE, DT, A3)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     idx = (bh * QR + rows) * n_chunks_total + chunk_offset + c  # [QR]: rows, then chunks
@@ -371,7 +343,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=tile,
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
-            STAGES=NUM_STAGES, num_warps=NUM_WARPS, **cap)
+            STAGES=NUM_STAGES, num_warps=NUM_WARPS, **cap,
+            **{f"A{j}": quant.plane_asm(seg.bits, j, q.dtype) for j in range(4)})
         offset += count
     out = q.new_empty(B, H, 1, D)
     _merge[(B * Hkv, g)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0), out.stride(1),

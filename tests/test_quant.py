@@ -77,3 +77,54 @@ def test_float_magic_turns_codes_into_floats_by_bit_or(bits):
     floats = (codes | pattern).view(torch.bfloat16)
     assert torch.equal(floats.float() - magic, codes.float())
     assert quant.float_magic(torch.bfloat16, 8) == (0, 0.0)  # 128 + 255 is not exact in bf16
+
+
+def _run_plane_ptx(asm: str, word: int) -> list[int]:
+    """Executes the straight-line PTX of ``quant.plane_asm`` on one 32-bit input register;
+    returns the four 16-bit results ($0's low and high half, then $1's)."""
+    regs = {"$2": word}
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        a = [x.strip() for x in rest.split(",")]
+        if op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "prmt.b32":  # default mode: each selector nibble picks one of 8 bytes
+            pool, sel = val(a[1]) | val(a[2]) << 32, val(a[3])
+            regs[a[0]] = sum(((pool >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i
+                             for i in range(4))
+        elif op == "sub.rn.f16x2":
+            x, y = (torch.tensor([val(r)], dtype=torch.int64).to(torch.int32).view(torch.float16)
+                    for r in a[1:])
+            regs[a[0]] = (x - y).view(torch.int32).item() & 0xFFFFFFFF
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return [regs[r] >> s & 0xFFFF for r in ("$0", "$1") for s in (0, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_plane_ptx_turns_four_bytes_into_their_codes(bits, dtype):
+    """The decode kernel's inline PTX, emulated: code ``i`` of plane ``j`` comes from byte ``i``
+    of the word, as bf16 128 + code (the magic ``float_magic`` names) or as the exact fp16 code;
+    nothing for the other widths and dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    words = [0, 0xFFFFFFFF, 0x01234567] + torch.randint(0, 2 ** 32, (40,), generator=gen).tolist()
+    magic = quant.float_magic(dtype, bits)[1]
+    for j in range(8 // bits):
+        asm = quant.plane_asm(bits, j, dtype)
+        for word in words:
+            got = torch.tensor(_run_plane_ptx(asm, word), dtype=torch.int32).to(torch.int16)
+            codes = [(word >> 8 * i + j * bits) & ((1 << bits) - 1) for i in range(4)]
+            assert got.view(dtype).float().tolist() == [magic + c for c in codes], (j, hex(word))
+    assert quant.plane_asm(8, 0, dtype) == quant.plane_asm(bits, 0, torch.float32) == ""
