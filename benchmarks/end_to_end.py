@@ -156,6 +156,24 @@ def profile_table(run, top=30):
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
 
 
+def profile_steps(label, step, pos, wall_s, n=3):
+    """Profiles ``n`` decode steps: GPU busy time and kernels per step, top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(pos + i)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in gpu) / n / 1e3
+    kernels = sum(e.count for e in gpu) / n
+    print(f"--- profile {label}: wall {wall_s * 1e3:.2f} ms/step (median of the timed steps), "
+          f"GPU busy {busy:.2f} ms/step, {kernels:.0f} kernels/step")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
 class _null:
     def __enter__(self):
         return self
@@ -231,9 +249,11 @@ CACHES = ("DynamicCache bf16", "ZipVLCache 16/16", "ZipVLCache 4/2", "ZipVLCache
 DENSE = ("bf16", "16/16")
 
 
-def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False):
+def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False, profile=False):
     """Rows of the decode table.  ``cuda_graphs``: static-shape caches (transformers'
-    StaticCache for bf16, ZipVLCache(max_cache_len=...)) and mode="reduce-overhead"."""
+    StaticCache for bf16, ZipVLCache(max_cache_len=...)) and mode="reduce-overhead".
+    ``profile``: after timing a row, profile 3 more steps; prints the GPU busy time and kernel
+    launches per step (against the wall time) and the top kernels."""
     model = build(shape)
     cfg = model.config
     zipvl_compile.compile_language_model(model, mode="reduce-overhead" if cuda_graphs else None)
@@ -289,6 +309,9 @@ def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False):
                         times.append(time.perf_counter() - t0)
                         pos += 1
                     dt = statistics.median(times)
+                    if profile:
+                        profile_steps(label, step, pos, dt)
+                        pos += 3
                     rows.append(dict(shape=shape, batch=B, context=n, cache=label,
                                      cuda_graphs=cuda_graphs, tokens_per_s=B / dt,
                                      ms_per_step=1e3 * dt,
@@ -347,7 +370,8 @@ def main():
     ap.add_argument("--skip", nargs="*", default=[],
                     help="skip TTFT variants whose name contains one of these words")
     ap.add_argument("--profile", action="store_true",
-                    help="ttft/stages: profile the zipvl runs at the largest context")
+                    help="ttft/stages: profile the zipvl runs at the largest context; decode: "
+                         "profile 3 steps of every row")
     ap.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES,
                     help="decode: which caches to time")
     ap.add_argument("--cuda-graphs", action="store_true",
@@ -377,7 +401,7 @@ def main():
                                 "peak GiB"]))
     else:
         rows = decode(args.shape, args.contexts, args.batches, args.steps, args.caches,
-                      args.cuda_graphs)
+                      args.cuda_graphs, args.profile)
         print(decode_table(rows))
     if args.json:
         with open(args.json, "w") as f:
