@@ -86,7 +86,8 @@ def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr
            DT: tl.constexpr, ASM: tl.constexpr):
     """Plane J of packed codes [BLOCK, W] (uint8) as DT [BLOCK, W]: the code, or with MAGIC_BITS
     the float whose bits are ``MAGIC_BITS | code`` (= magic + code).  With ``ASM``
-    (``quant.plane_asm``, bf16 and fp16) four bytes at a time in inline PTX; else with Triton ops."""
+    (``quant.plane_asm``, bf16 and fp16) four bytes at a time in inline PTX; else with Triton
+    ops."""
     if ASM != "":
         if DT == tl.bfloat16:
             return tl.inline_asm_elementwise(ASM, "=r,=r,r", [packed], dtype=tl.bfloat16,
@@ -332,6 +333,9 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         kstr = ks.stride() if quantized else (0, 0, 0, 0)
         vstr = vs.stride() if quantized else (0, 0, 0, 0)
         magic_bits, magic = quant.float_magic(q.dtype, seg.bits) if USE_MAGIC else (0, 0.0)
+        # bf16's PTX yields magic + code, so it goes with the magic; fp16's yields the code
+        asm = {f"A{j}": quant.plane_asm(seg.bits, j, q.dtype)
+               if magic_bits or q.dtype != torch.bfloat16 else "" for j in range(4)}
         _partials[(B * Hkv, count)](
             q, seg.kd, ks, seg.kl if quantized else dummy, seg.vd, vs,
             seg.vl if quantized else dummy, pos, bias if bias is not None else dummy,
@@ -343,8 +347,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=tile,
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
-            STAGES=NUM_STAGES, num_warps=NUM_WARPS, **cap,
-            **{f"A{j}": quant.plane_asm(seg.bits, j, q.dtype) for j in range(4)})
+            STAGES=NUM_STAGES, num_warps=NUM_WARPS, **cap, **asm)
         offset += count
     out = q.new_empty(B, H, 1, D)
     _merge[(B * Hkv, g)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0), out.stride(1),
