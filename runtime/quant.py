@@ -15,6 +15,7 @@ Scales and minima are stored in float16.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,7 @@ def float_magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
     return 0, 0.0
 
 
+@functools.lru_cache(maxsize=None)
 def plane_asm(bits: int, j: int, dtype: torch.dtype) -> str:
     """PTX for plane ``j`` of four packed bytes (one 32-bit register, ``$2``) as four 16-bit
     floats (two registers, ``$0`` and ``$1``), or '' where the kernel converts codes with plain
