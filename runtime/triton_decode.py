@@ -293,13 +293,19 @@ def _merge(M, L, ACC, OUT, Hkv, n_heads_per_kv, n_chunks, s_ob, s_oh,
              out.to(OUT.dtype.element_ty))
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on host ints (``triton.cdiv`` is a JIT function: ~15 us per call from host
+    code on the CI machine, 12 calls per decode step and layer)."""
+    return -(-a // b)
+
+
 def _chunking(slots: int, programs_per_chunk: int, target_programs: int,
               tile: int) -> tuple[int, int]:
     """(chunk length, number of chunks) of one segment: enough programs to fill the GPU, and
     chunks of at least MIN_TILES tiles."""
     want = max(1, target_programs // max(programs_per_chunk, 1))
-    chunk = max(tile * MIN_TILES, triton.cdiv(triton.cdiv(slots, want), tile) * tile)
-    return chunk, triton.cdiv(slots, chunk)
+    chunk = max(tile * MIN_TILES, _cdiv(_cdiv(slots, want), tile) * tile)
+    return chunk, _cdiv(slots, chunk)
 
 
 def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -310,7 +316,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     q = q if q.stride(-1) == 1 else q.contiguous()
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     total_slots = sum(s.slots for s in segs)
-    tiles = sum(B * Hkv * triton.cdiv(s.slots, _tile(s, q.dtype)) for s in segs)
+    tiles = sum(B * Hkv * _cdiv(s.slots, _tile(s, q.dtype)) for s in segs)
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
     programs = (LARGE_PROGRAMS_PER_SM if large else PROGRAMS_PER_SM) * sms
     cap = {"maxnreg": REGISTER_CAP} if large else {}

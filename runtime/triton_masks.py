@@ -57,7 +57,7 @@ def scan(mask4: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     v = valid.to(torch.uint8)
     flags = torch.zeros(2, dtype=torch.int32, device=mask4.device)
     low = 0.0 if is_bool else float(torch.finfo(mask4.dtype).min) / 2
-    _scan[(B, triton.cdiv(n, ROWS))](
+    _scan[(B, -(-n // ROWS))](
         m, v, flags, n, m.stride(0), m.stride(2), m.stride(3), v.stride(0), low,
         IS_BOOL=is_bool, R=ROWS, C=COLS)
     return flags
