@@ -339,9 +339,11 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         kstr = ks.stride() if quantized else (0, 0, 0, 0)
         vstr = vs.stride() if quantized else (0, 0, 0, 0)
         magic_bits, magic = quant.float_magic(q.dtype, seg.bits) if USE_MAGIC else (0, 0.0)
-        # bf16's PTX yields magic + code, so it goes with the magic; fp16's yields the code
-        asm = {f"A{j}": quant.plane_asm(seg.bits, j, q.dtype)
-               if magic_bits or q.dtype != torch.bfloat16 else "" for j in range(4)}
+        # bf16's PTX yields magic + code, so it goes with the magic; fp16's yields the code.
+        # PTX is NVIDIA only: ROCm builds take the Triton-op conversion.
+        use_asm = torch.version.hip is None and (magic_bits or q.dtype != torch.bfloat16)
+        asm = {f"A{j}": quant.plane_asm(seg.bits, j, q.dtype) if use_asm else ""
+               for j in range(4)}
         _partials[(B * Hkv, count)](
             q, seg.kd, ks, seg.kl if quantized else dummy, seg.vd, vs,
             seg.vl if quantized else dummy, pos, bias if bias is not None else dummy,
