@@ -52,9 +52,23 @@ def test_harness_end_to_end_on_a_small_slice(tmp_path, capsys):
         assert cached.kept == adaptive.kept == eight.kept  # the same prefill decisions
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(out.read_text())
-    assert len(saved) == 5 * len(task.LEVELS) and {"accuracy", "kept"} <= set(saved[0])
+    assert len(saved) == 5 * len(task.LEVELS)
+    assert {"accuracy", "accuracy_interval", "kept"} <= set(saved[0])
+    for r in saved:
+        lo, hi = r["accuracy_interval"]
+        assert 0 <= lo <= r["accuracy"] <= hi <= 1 and hi - lo > 0.1  # 8 questions: wide
     printed = capsys.readouterr().out
     assert "kept ratio per layer" in printed and "fixed ratio" in printed
+    assert "95% Wilson intervals" in printed
+
+
+def test_wilson_interval_matches_known_values():
+    """Values worked by hand from the Wilson formula: 113 of 128 -> [0.8156, 0.9277]; all of
+    128 -> [0.9709, 1]; none of 10 -> [0, 0.2775]."""
+    for (k, n), (lo, hi) in (((113, 128), (0.8156, 0.9277)), ((128, 128), (0.9709, 1.0)),
+                             ((0, 10), (0.0, 0.2775))):
+        got = harness.wilson(k, n)
+        assert abs(got[0] - lo) < 5e-4 and abs(got[1] - hi) < 5e-4, (k, n, got)
 
 
 @torch.no_grad()

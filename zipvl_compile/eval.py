@@ -19,6 +19,9 @@ Settings (each evaluated per level: the toy task's difficulty levels, or the fil
 - ``zipvl tau=0.975 + cache H/L``: adaptive prefill handing its selection to a ``ZipVLCache``
   with ``H``-bit important and ``L``-bit other tokens (``--caches``).
 
+Accuracies come with 95% Wilson intervals (a second table, and in ``--json``): with ``n``
+questions per level, one question moves an accuracy by 100/n points.
+
 Probe counts and the cache's group/residual sizes are scaled to the toy prompt length (a few
 hundred tokens instead of tens of thousands); the defaults are printed with the table.
 ``inductor=False`` (``--no-inductor``) applies the same passes but runs the rewritten graphs
@@ -78,6 +81,21 @@ class Result:
     @property
     def mean_kept(self) -> float:
         return sum(self.kept) / len(self.kept) if self.kept else 1.0
+
+    @property
+    def accuracy_interval(self) -> tuple[float, float]:
+        """95% Wilson score interval of ``accuracy`` (``n`` questions)."""
+        return wilson(self.correct, self.n)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (two-sided, ``z`` = 1.96: 95%)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def load_toyvlm(path: str | Path | None = None):
@@ -231,6 +249,20 @@ def table(results: list[Result]) -> str:
     return tabulate(rows, headers=headers)
 
 
+def interval_table(results: list[Result]) -> str:
+    """95% Wilson interval of each accuracy (percent), settings by level: how far apart two
+    accuracies must be to differ with ``n`` questions per level."""
+    from tabulate import tabulate
+
+    names = list(dict.fromkeys(r.setting for r in results))
+    by = {(r.setting, r.level): r for r in results}
+    rows = []
+    for name in names:
+        cells = [by[(name, lv)].accuracy_interval for lv in _levels(results)]
+        rows.append([name] + [f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in cells])
+    return tabulate(rows, headers=["setting"] + [f"{lv} acc % 95% CI" for lv in _levels(results)])
+
+
 def layer_table(results: list[Result]) -> str:
     """Kept ratio of every layer for the sparse settings, per level."""
     from tabulate import tabulate
@@ -338,6 +370,8 @@ def main(argv=None):
                       progress=not args.no_progress)
     print(f"\nmodel: {source}\n{data.describe()}\nprobes {probes}; cache {sizes}")
     print(table(results))
+    print("\naccuracy, 95% Wilson intervals")
+    print(interval_table(results))
     print("\nkept ratio per layer")
     print(layer_table(results))
     if args.plot:
@@ -345,7 +379,8 @@ def main(argv=None):
         print("plot:", args.plot)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dict(vars(r), accuracy=r.accuracy) for r in results], f, indent=1)
+            json.dump([dict(vars(r), accuracy=r.accuracy, accuracy_interval=r.accuracy_interval)
+                       for r in results], f, indent=1)
     return results
 
 
