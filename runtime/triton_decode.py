@@ -316,14 +316,14 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     q = q if q.stride(-1) == 1 else q.contiguous()
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     total_slots = sum(s.slots for s in segs)
-    tiles = sum(B * Hkv * _cdiv(s.slots, _tile(s, q.dtype)) for s in segs)
+    tile_of = [_tile(s, q.dtype) for s in segs]
+    tiles = sum(B * Hkv * _cdiv(s.slots, tile) for s, tile in zip(segs, tile_of))
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
     programs = (LARGE_PROGRAMS_PER_SM if large else PROGRAMS_PER_SM) * sms
     cap = {"maxnreg": REGISTER_CAP} if large else {}
     plans = []  # (chunk length, number of chunks, tile) per segment
-    for seg in segs:
+    for seg, tile in zip(segs, tile_of):
         share = max(1, programs * seg.slots // max(total_slots, 1))
-        tile = _tile(seg, q.dtype)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile))
     n_chunks = sum(n for _, n, _ in plans)
     m = torch.empty(B * Hkv * QROWS * n_chunks, device=q.device, dtype=torch.float32)

@@ -231,36 +231,31 @@ def _levels(results: list[Result]) -> list[str]:
     return list(dict.fromkeys(r.level for r in results))
 
 
-def table(results: list[Result]) -> str:
-    """Accuracy, mean kept ratio and KV-cache fraction per setting (rows) and level."""
+def _by_setting(results: list[Result], cells, what: tuple[str, ...]) -> str:
+    """One row per setting, ``cells(result)`` (len(what) strings) per level."""
     from tabulate import tabulate
 
-    names = list(dict.fromkeys(r.setting for r in results))
     by = {(r.setting, r.level): r for r in results}
-    rows = []
-    for name in names:
-        row = [name]
-        for level in _levels(results):
-            r = by[(name, level)]
-            row += [f"{100 * r.accuracy:.1f}", f"{r.mean_kept:.3f}", f"{100 * r.kv_fraction:.0f}%"]
-        rows.append(row)
-    headers = ["setting"] + [f"{lv} {what}" for lv in _levels(results)
-                             for what in ("acc %", "kept", "KV")]
+    rows = [[name] + [c for level in _levels(results) for c in cells(by[(name, level)])]
+            for name in dict.fromkeys(r.setting for r in results)]
+    headers = ["setting"] + [f"{lv} {w}" for lv in _levels(results) for w in what]
     return tabulate(rows, headers=headers)
+
+
+def table(results: list[Result]) -> str:
+    """Accuracy, mean kept ratio and KV-cache fraction per setting (rows) and level."""
+    return _by_setting(results, lambda r: [f"{100 * r.accuracy:.1f}", f"{r.mean_kept:.3f}",
+                                           f"{100 * r.kv_fraction:.0f}%"],
+                       ("acc %", "kept", "KV"))
 
 
 def interval_table(results: list[Result]) -> str:
     """95% Wilson interval of each accuracy (percent), settings by level: how far apart two
     accuracies must be to differ with ``n`` questions per level."""
-    from tabulate import tabulate
-
-    names = list(dict.fromkeys(r.setting for r in results))
-    by = {(r.setting, r.level): r for r in results}
-    rows = []
-    for name in names:
-        cells = [by[(name, lv)].accuracy_interval for lv in _levels(results)]
-        rows.append([name] + [f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in cells])
-    return tabulate(rows, headers=["setting"] + [f"{lv} acc % 95% CI" for lv in _levels(results)])
+    def cell(r):
+        lo, hi = r.accuracy_interval
+        return [f"{100 * lo:.1f}-{100 * hi:.1f}"]
+    return _by_setting(results, cell, ("acc % 95% CI",))
 
 
 def layer_table(results: list[Result]) -> str:
