@@ -10,7 +10,7 @@ connect the cache to the compiler.
   tokens, never materializing full-precision K/V of the cached length.  Triton on CUDA
   (``triton_decode``), a chunked PyTorch implementation elsewhere.
 
-Segment arguments, in this order: high pool (k data, k scale, k low, v data, v scale, v low,
+Segment arguments, in this order: high pool (k data, k scale, k mid, v data, v scale, v mid,
 pos), low pool (same, all None when absent), residual k, residual v [B, Hkv, r, d], residual
 positions [B, r] int32 (-1: empty slot) or None.  ``q`` is [B, H, 1, d] with ``H = g * Hkv``;
 ``attn_mask`` is None or [B or 1, 1, 1, L] (bool, or additive float), indexed by position;
@@ -32,8 +32,8 @@ class Segment:
     """One run of cached tokens in a kernel's view.  ``pos [B, P]`` (-1: empty) or None for the
     residual window, whose positions are ``base + slot``."""
 
-    def __init__(self, kd, ks, kl, vd, vs, vl, pos, bits, group, vgroup, dtype, base=0):
-        self.kd, self.ks, self.kl, self.vd, self.vs, self.vl = kd, ks, kl, vd, vs, vl
+    def __init__(self, kd, ks, km, vd, vs, vm, pos, bits, group, vgroup, dtype, base=0):
+        self.kd, self.ks, self.km, self.vd, self.vs, self.vm = kd, ks, km, vd, vs, vm
         self.pos, self.bits, self.group, self.vgroup, self.dtype = pos, bits, group, vgroup, dtype
         self.base = base
 
@@ -51,10 +51,10 @@ class Segment:
         else:
             g0, g1 = start // self.group, -(-stop // self.group)
             kq = quant.Quantized(self.kd[:, :, g0 * self.group:g1 * self.group],
-                                 self.ks[:, :, g0:g1], self.kl[:, :, g0:g1], self.bits,
+                                 self.ks[:, :, g0:g1], self.km[:, :, g0:g1], self.bits,
                                  self.group, True, self.dtype)
             k = quant.dequantize(kq)[:, :, start - g0 * self.group:stop - g0 * self.group]
-            vq = quant.Quantized(self.vd[:, :, sl], self.vs[:, :, sl], self.vl[:, :, sl],
+            vq = quant.Quantized(self.vd[:, :, sl], self.vs[:, :, sl], self.vm[:, :, sl],
                                  self.bits, self.vgroup, False, self.dtype)
             v = quant.dequantize(vq)
         if self.pos is None:
@@ -65,13 +65,13 @@ class Segment:
         return k, v, pos
 
 
-def segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv, rpos,
+def segments(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv, rpos,
              high_bits, low_bits, group, vgroup, length, evicted=False) -> list[Segment]:
     """The non-empty segments of a cache layer (``ZipVLLayer.kernel_args()`` order)."""
     dtype = rk.dtype
-    out = [Segment(hk, hks, hkl, hv, hvs, hvl, hpos, high_bits, group, vgroup, dtype)]
+    out = [Segment(hk, hks, hkm, hv, hvs, hvm, hpos, high_bits, group, vgroup, dtype)]
     if lk is not None:
-        out.append(Segment(lk, lks, lkl, lv, lvs, lvl, lpos, low_bits, group, vgroup, dtype))
+        out.append(Segment(lk, lks, lkm, lv, lvs, lvm, lpos, low_bits, group, vgroup, dtype))
     out.append(Segment(rk, None, None, rv, None, None, rpos, 16, group, vgroup, dtype,
                        base=length - rk.shape[-2]))
     return [s for s in out if s.slots > 0]
@@ -147,11 +147,11 @@ def chunked(q, segs: list[Segment], attn_mask, scale, chunk: int = CHUNK) -> tor
 # ---- ops -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("zipvl::cache_kv", mutates_args=())
-def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.Tensor],
-             hv: torch.Tensor, hvs: Optional[torch.Tensor], hvl: Optional[torch.Tensor],
+def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkm: Optional[torch.Tensor],
+             hv: torch.Tensor, hvs: Optional[torch.Tensor], hvm: Optional[torch.Tensor],
              hpos: torch.Tensor, lk: Optional[torch.Tensor], lks: Optional[torch.Tensor],
-             lkl: Optional[torch.Tensor], lv: Optional[torch.Tensor], lvs: Optional[torch.Tensor],
-             lvl: Optional[torch.Tensor], lpos: Optional[torch.Tensor], rk: torch.Tensor,
+             lkm: Optional[torch.Tensor], lv: Optional[torch.Tensor], lvs: Optional[torch.Tensor],
+             lvm: Optional[torch.Tensor], lpos: Optional[torch.Tensor], rk: torch.Tensor,
              rv: torch.Tensor, rpos: Optional[torch.Tensor], high_bits: int, low_bits: int,
              group: int, vgroup: int, length: int,
              evicted: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +161,7 @@ def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.
             "express: decode attention must run through the zipvl backend's fused decode "
             "kernel (torch.compile(..., backend='zipvl')); see zipvl_compile.stats() for why "
             "this attention call was not fused, or use low_bits > 0")
-    segs = segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
+    segs = segments(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv,
                     rpos, high_bits, low_bits, group, vgroup, length)
     B, Hkv, _, d = rk.shape
     keys = rk.new_zeros(B, Hkv, length, d)
@@ -176,7 +176,7 @@ def cache_kv(hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.
 
 
 @cache_kv.register_fake
-def _(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv, rpos,
+def _(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv, rpos,
       high_bits, low_bits, group, vgroup, length, evicted):
     B, Hkv, _, d = rk.shape
     return rk.new_empty(B, Hkv, length, d), rv.new_empty(B, Hkv, length, rv.shape[-1])
@@ -184,18 +184,18 @@ def _(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv
 
 @torch.library.custom_op("zipvl::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
-                     hk: torch.Tensor, hks: Optional[torch.Tensor], hkl: Optional[torch.Tensor],
-                     hv: torch.Tensor, hvs: Optional[torch.Tensor], hvl: Optional[torch.Tensor],
+                     hk: torch.Tensor, hks: Optional[torch.Tensor], hkm: Optional[torch.Tensor],
+                     hv: torch.Tensor, hvs: Optional[torch.Tensor], hvm: Optional[torch.Tensor],
                      hpos: torch.Tensor, lk: Optional[torch.Tensor], lks: Optional[torch.Tensor],
-                     lkl: Optional[torch.Tensor], lv: Optional[torch.Tensor],
-                     lvs: Optional[torch.Tensor], lvl: Optional[torch.Tensor],
+                     lkm: Optional[torch.Tensor], lv: Optional[torch.Tensor],
+                     lvs: Optional[torch.Tensor], lvm: Optional[torch.Tensor],
                      lpos: Optional[torch.Tensor], rk: torch.Tensor, rv: torch.Tensor,
                      rpos: Optional[torch.Tensor], high_bits: int, low_bits: int, group: int,
                      vgroup: int, length: int, evicted: bool, site: int = -1) -> torch.Tensor:
     """Fused decode attention: q [B, H, 1, d] over the cache segments -> [B, H, 1, dv].
     ``site``: the stats id of the attention call it replaces (-1: none); on CUDA inputs the
     Triton kernels cannot take run the chunked PyTorch loop, reported there once."""
-    segs = segments(hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
+    segs = segments(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv,
                     rpos, high_bits, low_bits, group, vgroup, length)
     if q.is_cuda:
         from . import triton_decode
@@ -207,7 +207,7 @@ def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: 
 
 
 @decode_attention.register_fake
-def _(q, attn_mask, scale, hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos,
+def _(q, attn_mask, scale, hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos,
       rk, rv, rpos, high_bits, low_bits, group, vgroup, length, evicted, site=-1):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, rv.shape[-1])

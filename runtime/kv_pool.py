@@ -43,9 +43,9 @@ class Pool:
         return self.keys.nbytes() + self.values.nbytes() + _nbytes(self.pos)
 
     def tensors(self) -> tuple:
-        """(k data, k scale, k low, v data, v scale, v low, pos): the decode kernels' view."""
+        """(k data, k scale, k mid, v data, v scale, v mid, pos): the decode kernels' view."""
         k, v = self.keys, self.values
-        return (k.data, k.scale, k.low, v.data, v.scale, v.low, self.pos)
+        return (k.data, k.scale, k.mid, v.data, v.scale, v.mid, self.pos)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -77,7 +77,7 @@ def append_group(pool: Pool, keys: torch.Tensor, values: torch.Tensor,
 def _cat(a: quant.Quantized, b: quant.Quantized) -> quant.Quantized:
     def cat(x, y):
         return None if x is None else torch.cat([x, y], dim=-2)
-    return quant.Quantized(cat(a.data, b.data), cat(a.scale, b.scale), cat(a.low, b.low), a.bits,
+    return quant.Quantized(cat(a.data, b.data), cat(a.scale, b.scale), cat(a.mid, b.mid), a.bits,
                            a.group_size, a.per_channel, a.dtype)
 
 

@@ -86,10 +86,10 @@ def build(hi: kv_pool.Pool, lo: kv_pool.Pool | None, res_k: torch.Tensor, res_v:
     size = slots + G                                  # + the scratch group
     kq, vq = hi.keys, hi.values  # key scales: one per group of slots; value scales: per slot
     keys = quant.Quantized(_grow(kq.data, 2, size), _grow(kq.scale, 2, size // G, 1),
-                           _grow(kq.low, 2, size // G), kq.bits, kq.group_size, kq.per_channel,
+                           _grow(kq.mid, 2, size // G), kq.bits, kq.group_size, kq.per_channel,
                            kq.dtype)
     values = quant.Quantized(_grow(vq.data, 2, size), _grow(vq.scale, 2, size, 1),
-                             _grow(vq.low, 2, size), vq.bits, vq.group_size, vq.per_channel,
+                             _grow(vq.mid, 2, size), vq.bits, vq.group_size, vq.per_channel,
                              vq.dtype)
     pool = kv_pool.Pool(keys, values, _grow(hi.pos, 1, size, -1))
     dev = res_k.device
@@ -138,9 +138,9 @@ def append(layer: StaticLayer, k: torch.Tensor, v: torch.Tensor) -> None:
     hi.values.data.index_copy_(2, slots, vq.data)
     if hi.bits != 16:
         hi.keys.scale.index_copy_(2, target // G, kq.scale)
-        hi.keys.low.index_copy_(2, target // G, kq.low)
+        hi.keys.mid.index_copy_(2, target // G, kq.mid)
         hi.values.scale.index_copy_(2, slots, vq.scale)
-        hi.values.low.index_copy_(2, slots, vq.low)
+        hi.values.mid.index_copy_(2, slots, vq.mid)
     hi.pos.index_copy_(1, slots, torch.where(kept, region_pos, -1))
     layer.ring_pos.index_copy_(1, region, torch.where(flush, -1, region_pos))
     layer.next_slot.add_(torch.where(kept, G, 0))
@@ -151,23 +151,23 @@ def append(layer: StaticLayer, k: torch.Tensor, v: torch.Tensor) -> None:
     layer.length.add_(1)
 
 
-def pool_from(kd, ks, kl, vd, vs, vl, pos, bits, group, vgroup, dtype) -> kv_pool.Pool | None:
+def pool_from(kd, ks, km, vd, vs, vm, pos, bits, group, vgroup, dtype) -> kv_pool.Pool | None:
     """A pool from its ``Pool.tensors()`` (None when ``kd`` is None)."""
     if kd is None:
         return None
-    return kv_pool.Pool(quant.Quantized(kd, ks, kl, bits, group, True, dtype),
-                        quant.Quantized(vd, vs, vl, bits, vgroup, False, dtype), pos)
+    return kv_pool.Pool(quant.Quantized(kd, ks, km, bits, group, True, dtype),
+                        quant.Quantized(vd, vs, vm, bits, vgroup, False, dtype), pos)
 
 
 # A Python side effect at run time (it installs storage into the cache), which a CUDA graph
 # replay would skip: the graph holding it stays out of CUDA graphs.
 @torch.library.custom_op("zipvl::make_static", mutates_args=(), tags=handoff.CUDAGRAPH_UNSAFE)
 def make_static(token: torch.Tensor, layer: int, hk: torch.Tensor, hks: Optional[torch.Tensor],
-                hkl: Optional[torch.Tensor], hv: torch.Tensor, hvs: Optional[torch.Tensor],
-                hvl: Optional[torch.Tensor], hpos: torch.Tensor, lk: Optional[torch.Tensor],
-                lks: Optional[torch.Tensor], lkl: Optional[torch.Tensor],
+                hkm: Optional[torch.Tensor], hv: torch.Tensor, hvs: Optional[torch.Tensor],
+                hvm: Optional[torch.Tensor], hpos: torch.Tensor, lk: Optional[torch.Tensor],
+                lks: Optional[torch.Tensor], lkm: Optional[torch.Tensor],
                 lv: Optional[torch.Tensor], lvs: Optional[torch.Tensor],
-                lvl: Optional[torch.Tensor], lpos: Optional[torch.Tensor], rk: torch.Tensor,
+                lvm: Optional[torch.Tensor], lpos: Optional[torch.Tensor], rk: torch.Tensor,
                 rv: torch.Tensor, rpos: Optional[torch.Tensor], high_bits: int, low_bits: int,
                 group: int, vgroup: int, length: int, evicted: bool) -> torch.Tensor:
     """At run time, hands the growing segments of ``layer`` (``ZipVLLayer.kernel_args()``
@@ -175,13 +175,13 @@ def make_static(token: torch.Tensor, layer: int, hk: torch.Tensor, hks: Optional
     an empty tensor (the layer keeps it so that the op stays in the graph)."""
     cache = handoff.receiver(token)
     if cache is not None:
-        hi = pool_from(hk, hks, hkl, hv, hvs, hvl, hpos, high_bits, group, vgroup, rk.dtype)
-        lo = pool_from(lk, lks, lkl, lv, lvs, lvl, lpos, low_bits, group, vgroup, rk.dtype)
+        hi = pool_from(hk, hks, hkm, hv, hvs, hvm, hpos, high_bits, group, vgroup, rk.dtype)
+        lo = pool_from(lk, lks, lkm, lv, lvs, lvm, lpos, low_bits, group, vgroup, rk.dtype)
         cache.install_static(layer, hi, lo, rk, rv, length, evicted)
     return token.new_empty(0)
 
 
 @make_static.register_fake
-def _(token, layer, hk, hks, hkl, hv, hvs, hvl, hpos, lk, lks, lkl, lv, lvs, lvl, lpos, rk, rv,
+def _(token, layer, hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv,
       rpos, high_bits, low_bits, group, vgroup, length, evicted):
     return token.new_empty(0)

@@ -5,7 +5,7 @@ Grid: one program per (sequence, KV head, chunk of slots) of each segment.  A pr
 in tiles of ``BLOCK_N`` slots and keeps an online softmax.  Quantized tiles are read plane by
 plane (``quant``'s packing) and turned into floats with integer ops (``_plane``; for bf16 and
 fp16, four codes per 32-bit register with byte permutes in inline PTX, ``quant.plane_asm``: the
-kernel is bound by instructions per tile, not by bytes, BENCHMARKS.md); scales and minima are
+kernel is bound by instructions per tile, not by bytes, BENCHMARKS.md); scales and middles are
 applied outside the dot products (``_qk_plane``, ``_pv_plane``).  Its partial (max,
 denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials of
 every chunk of every segment.  Nothing of the cached length is materialized in full precision:
@@ -102,26 +102,26 @@ def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr
 
 
 @triton.jit
-def _qk_plane(q, kp, KS, KL, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+def _qk_plane(q, kp, KS, KM, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
               MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
               DT: tl.constexpr, ASM: tl.constexpr):
     """Plane J's share of the scores of q [QR, W] (its channels J*W ..) over a tile of packed
-    keys kp [BLOCK, W]: ``(q * s) . (magic + code)`` [QR, BLOCK] and the terms [QR, W] whose
-    row sums turn it into q . k: ``q * low - magic * (q * s)`` (s, low: the tile's per-channel
-    scale and minimum; the caller sums the planes' terms first, then reduces once)."""
+    keys kp [BLOCK, W]: ``qs . (magic + code)`` [QR, BLOCK] with qs = q * s rounded to DT, and
+    the terms [QR, W] whose row sums turn it into q . k: ``q * mid - (magic + c) * qs`` (s, mid:
+    the tile's per-channel scale and middle value, c the middle code, ``quant``; the caller
+    sums the planes' terms first, then reduces once)."""
+    CENTER: tl.constexpr = ((1 << BITS) - 1) * 0.5
     c = J * W + tl.arange(0, W)
     kscale = tl.load(KS + g_off + c).to(tl.float32)
-    klow = tl.load(KL + g_off + c).to(tl.float32)
+    kmid = tl.load(KM + g_off + c).to(tl.float32)
     qs = (q * kscale[None, :]).to(DT)
     s = _dot(qs, tl.trans(_plane(kp, J, BITS, MAGIC_BITS, DT, ASM)), IEEE, DT)
-    z = q * klow[None, :]
-    if MAGIC_BITS:
-        z -= MAGIC * qs.to(tl.float32)
+    z = q * kmid[None, :] - (MAGIC + CENTER) * qs.to(tl.float32)
     return s, z
 
 
 @triton.jit
-def _pv_plane(p, pw, vp, VS, VL, t_off, live, J: tl.constexpr, W: tl.constexpr,
+def _pv_plane(p, pw, vp, VS, VM, t_off, live, J: tl.constexpr, W: tl.constexpr,
               BITS: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
               MAGIC_BITS: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
               ASM: tl.constexpr):
@@ -132,13 +132,14 @@ def _pv_plane(p, pw, vp, VS, VL, t_off, live, J: tl.constexpr, W: tl.constexpr,
         return _dot(pw, _plane(vp, J, BITS, MAGIC_BITS, DT, ASM), IEEE, DT)
     gi = (J * W + tl.arange(0, W)) // VGROUP
     vscale = tl.load(VS + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
-    vlow = tl.load(VL + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
-    v = _plane(vp, J, BITS, 0, tl.float32, "") * vscale.to(tl.float32) + vlow.to(tl.float32)
+    vmid = tl.load(VM + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
+    centred = _plane(vp, J, BITS, 0, tl.float32, "") - ((1 << BITS) - 1) * 0.5
+    v = centred * vscale.to(tl.float32) + vmid.to(tl.float32)
     return _dot(p, v, IEEE, DT)
 
 
 @triton.jit
-def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
+def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               P, base, Hkv, n_heads_per_kv, chunk, chunk_offset, n_chunks_total, scale,
               s_qb, s_qh, s_kb, s_kh, s_kp, s_ksb, s_ksh, s_ksg, s_vb, s_vh, s_vp,
               s_vsb, s_vsh, s_vsp, s_pb, s_bb,
@@ -148,9 +149,9 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               MAGIC: tl.constexpr, STAGES: tl.constexpr, A0: tl.constexpr, A1: tl.constexpr,
               A2: tl.constexpr, A3: tl.constexpr):
     """Partial softmax of one (sequence, KV head, chunk).  Quantized keys are never
-    dequantized: with per-channel scale s and minimum z constant over a tile (tiles lie inside
-    one key group), q.k = (q * s).code + q.z; values with one scale per token likewise,
-    p.v = (p * s_v).code + p.z_v.  Codes are read plane by plane (``quant`` packs channel
+    dequantized: with per-channel scale s and middle value z constant over a tile (tiles lie
+    inside one key group) and c the middle code, q.k = (q * s).(code - c) + q.z; values with one
+    scale per token likewise, p.v = (p * s_v).(code - c) + p.z_v.  Codes are read plane by plane (``quant`` packs channel
     ``j * W + i`` into byte i), so a plane is one shift and mask of the bytes and one ``tl.dot``
     of W channels; the planes' results are never interleaved in registers."""
     DT: tl.constexpr = Q.dtype.element_ty
@@ -190,17 +191,17 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             s = _dot(q0, tl.trans(k_tile), IEEE, DT)
         else:
             g_off = b * s_ksb + hk * s_ksh + ((start + off) // GROUP) * s_ksg
-            s, z = _qk_plane(q0, k_tile, KS, KL, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE, DT,
+            s, z = _qk_plane(q0, k_tile, KS, KM, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE, DT,
                              A0)
             if PER > 1:
-                s1, z1 = _qk_plane(q1, k_tile, KS, KL, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
+                s1, z1 = _qk_plane(q1, k_tile, KS, KM, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
                                    IEEE, DT, A1)
                 s += s1
                 z += z1
             if PER > 2:
-                s2, z2 = _qk_plane(q2, k_tile, KS, KL, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
+                s2, z2 = _qk_plane(q2, k_tile, KS, KM, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
                                    IEEE, DT, A2)
-                s3, z3 = _qk_plane(q3, k_tile, KS, KL, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
+                s3, z3 = _qk_plane(q3, k_tile, KS, KM, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
                                    IEEE, DT, A3)
                 s += s2 + s3
                 z += z2 + z3
@@ -226,27 +227,26 @@ def _partials(Q, KD, KS, KL, VD, VS, VL, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             t_off = b * s_vsb + hk * s_vsh + n * s_vsp
             pw = p
             row_v = tl.zeros([QR], tl.float32)
-            if VGROUP == D:  # one scale and minimum per token
+            if VGROUP == D:  # one scale and middle value per token
+                VCENTER: tl.constexpr = ((1 << BITS) - 1) * 0.5
                 vscale = tl.load(VS + t_off, mask=live, other=0.0).to(tl.float32)
-                vlow = tl.load(VL + t_off, mask=live, other=0.0).to(tl.float32)
+                vmid = tl.load(VM + t_off, mask=live, other=0.0).to(tl.float32)
                 pw = (p * vscale[None, :]).to(DT)
-                zv = p * vlow[None, :]
-                if MAGIC_BITS:
-                    zv -= MAGIC * pw.to(tl.float32)
+                zv = p * vmid[None, :] - (MAGIC + VCENTER) * pw.to(tl.float32)
                 row_v = tl.sum(zv, axis=1)
             acc0 = acc0 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                p, pw, v_tile, VS, VL, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT,
+                p, pw, v_tile, VS, VM, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT,
                 A0)
             if PER > 1:
                 acc1 = acc1 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                    p, pw, v_tile, VS, VL, t_off, live, 1, W, BITS, VGROUP, D, MAGIC_BITS,
+                    p, pw, v_tile, VS, VM, t_off, live, 1, W, BITS, VGROUP, D, MAGIC_BITS,
                     IEEE, DT, A1)
             if PER > 2:
                 acc2 = acc2 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                    p, pw, v_tile, VS, VL, t_off, live, 2, W, BITS, VGROUP, D, MAGIC_BITS,
+                    p, pw, v_tile, VS, VM, t_off, live, 2, W, BITS, VGROUP, D, MAGIC_BITS,
                     IEEE, DT, A2)
                 acc3 = acc3 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                    p, pw, v_tile, VS, VL, t_off, live, 3, W, BITS, VGROUP, D, MAGIC_BITS,
+                    p, pw, v_tile, VS, VM, t_off, live, 3, W, BITS, VGROUP, D, MAGIC_BITS,
                     IEEE, DT, A3)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -345,8 +345,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         asm = {f"A{j}": quant.plane_asm(seg.bits, j, q.dtype) if use_asm else ""
                for j in range(4)}
         _partials[(B * Hkv, count)](
-            q, seg.kd, ks, seg.kl if quantized else dummy, seg.vd, vs,
-            seg.vl if quantized else dummy, pos, bias if bias is not None else dummy,
+            q, seg.kd, ks, seg.km if quantized else dummy, seg.vd, vs,
+            seg.vm if quantized else dummy, pos, bias if bias is not None else dummy,
             m, den, acc, seg.slots, seg.base, Hkv, g, chunk, offset, n_chunks, scale,
             q.stride(0), q.stride(1), seg.kd.stride(0), seg.kd.stride(1), seg.kd.stride(2),
             kstr[0], kstr[1], kstr[2], seg.vd.stride(0), seg.vd.stride(1), seg.vd.stride(2),

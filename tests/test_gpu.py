@@ -196,7 +196,7 @@ def check_triton_decode(dtype, hb, lb, batch, group, heads, kv_heads):
     mask[-1, ..., :100] = False
     assert triton_decode.problem(q, segs) == ""
     out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *cuda_args)
-    ref = da.reference(q.float(), [da.Segment(s.kd, s.ks, s.kl, s.vd, s.vs, s.vl, s.pos, s.bits,
+    ref = da.reference(q.float(), [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits,
                                               s.group, s.vgroup, torch.float32, s.base)
                                    for s in segs], mask, 128 ** -0.5)
     assert out.dtype == dtype and torch.isfinite(out).all()

@@ -35,10 +35,26 @@ def test_roundtrip_error_within_half_a_step(bits, per_channel, dtype):
     out = quant.dequantize(q)
     assert out.dtype == dtype and out.shape == x.shape
     step = per_element(q.scale, x.shape, 32, per_channel)
-    low = per_element(q.low, x.shape, 32, per_channel)
-    # half a quantization step, plus rounding of the fp16 minimum and of the output dtype
-    rounding = 1e-3 * low.abs() + (8e-3 if dtype == torch.bfloat16 else 1e-6) * x.float().abs()
+    mid = per_element(q.mid, x.shape, 32, per_channel)
+    # half a quantization step, plus rounding of the fp16 middle, of the output dtype and of a
+    # subnormal fp16 scale (absolute spacing 2**-24) times half the code range
+    rounding = 1e-3 * mid.abs() + (8e-3 if dtype == torch.bfloat16 else 1e-6) * out.float().abs()
+    rounding += (1 << bits) * 2.0 ** -25
     assert ((out.float() - x.float()).abs() <= 0.5 * step * 1.001 + rounding + 1e-6).all()
+
+
+def test_groups_store_the_value_of_the_middle_code():
+    """A group spanning [-1, 3] at 2 bits: scale 4/3, mid 1 (the value of code 1.5, which the
+    decode kernel's error depends on, triton_decode), codes 0 and 3 at the ends; a constant
+    group has scale 0 and dequantizes exactly."""
+    x = torch.tensor([-1.0, 3.0, 0.4, 1.7]).view(1, 4, 1).expand(1, 4, 4).contiguous()
+    q = quant.quantize(x, 2, group_size=4, per_channel=True)
+    assert torch.allclose(q.scale.float(), torch.full((1, 1, 4), 4 / 3), rtol=1e-3)
+    assert torch.allclose(q.mid.float(), torch.ones(1, 1, 4), atol=1e-3)
+    assert quant.unpack(q.data, 2)[0, :, 0].tolist() == [0, 3, 1, 2]
+    flat = torch.full((1, 4, 8), 0.3)
+    qf = quant.quantize(flat, 4, group_size=4, per_channel=True)
+    assert (qf.scale == 0).all() and torch.equal(quant.dequantize(qf), flat.half().float())
 
 
 def test_per_channel_keys_contain_outlier_channels():
