@@ -12,7 +12,7 @@ and launch overhead included) are printed too.
     python benchmarks/decode_attention.py [--contexts 8192 32768 131072] [--batches 1 8]
 
 Prints one table; ``--json`` writes the rows.  Achieved bandwidth = bytes the kernel must read
-(packed codes, scales, minima, slot positions, residual window, q) / time.
+(packed codes, scales, middle values, slot positions, residual window, q) / time.
 """
 from __future__ import annotations
 

@@ -313,7 +313,7 @@ class ZipVLCache(Cache):
     # ---- memory ----
 
     def memory_bytes(self) -> int:
-        """Bytes of device storage this cache holds (packed codes, scales, minima, slot
+        """Bytes of device storage this cache holds (packed codes, scales, middle values, slot
         positions, residual window, unsplit prompt), counting each storage once."""
         seen, total = set(), 0
         tensors = [t for layer in self.layers for t in layer.tensors()]
