@@ -34,6 +34,12 @@ MIN_TILES = 1         # tiles per chunk at least
 LARGE_FROM_TILES_PER_SM = 48
 LARGE_PROGRAMS_PER_SM = 8
 REGISTER_CAP = 128
+# Below that, a 4-bit segment with 16-bit queries launches FOUR_BIT_PROGRAMS_PER_SM programs per
+# SM of its own (not a share by slots) with FOUR_BIT_WARPS warps under the same register cap: no
+# spills at 4 bits, and one wave of two 8-warp programs per SM instead of 4-warp ones
+# (measured in BENCHMARKS.md, session 9).
+FOUR_BIT_WARPS = 8            # 0: no such rule (a measurement knob)
+FOUR_BIT_PROGRAMS_PER_SM = 2
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 
 
@@ -308,6 +314,18 @@ def _chunking(slots: int, programs_per_chunk: int, target_programs: int,
     return chunk, _cdiv(slots, chunk)
 
 
+def _launch(bits: int, dtype: torch.dtype, large: bool) -> tuple[int, bool, dict]:
+    """(programs per SM, whether the segments share them by slots, Triton launch options) of
+    one segment's partial kernel; ``large``: the whole problem has at least
+    LARGE_FROM_TILES_PER_SM tiles per SM."""
+    if large:
+        return LARGE_PROGRAMS_PER_SM, True, {"num_warps": NUM_WARPS, "maxnreg": REGISTER_CAP}
+    if FOUR_BIT_WARPS and bits == 4 and dtype in (torch.bfloat16, torch.float16):
+        return (FOUR_BIT_PROGRAMS_PER_SM, False,
+                {"num_warps": FOUR_BIT_WARPS, "maxnreg": REGISTER_CAP})
+    return PROGRAMS_PER_SM, True, {"num_warps": NUM_WARPS}
+
+
 def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q [B, H, 1, d] (d contiguous) over the segments -> [B, H, 1, dv]."""
     B, H, _, D = q.shape
@@ -319,19 +337,19 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     tile_of = [_tile(s, q.dtype) for s in segs]
     tiles = sum(B * Hkv * _cdiv(s.slots, tile) for s, tile in zip(segs, tile_of))
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
-    programs = (LARGE_PROGRAMS_PER_SM if large else PROGRAMS_PER_SM) * sms
-    cap = {"maxnreg": REGISTER_CAP} if large else {}
-    plans = []  # (chunk length, number of chunks, tile) per segment
+    plans = []  # (chunk length, number of chunks, tile, launch options) per segment
     for seg, tile in zip(segs, tile_of):
-        share = max(1, programs * seg.slots // max(total_slots, 1))
-        plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile))
-    n_chunks = sum(n for _, n, _ in plans)
+        per_sm, by_slots, options = _launch(seg.bits, q.dtype, large)
+        share = per_sm * sms * seg.slots // max(total_slots, 1) if by_slots else per_sm * sms
+        share = max(1, share)
+        plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile, options))
+    n_chunks = sum(n for _, n, _, _ in plans)
     m = torch.empty(B * Hkv * QROWS * n_chunks, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
     acc = torch.empty(B * Hkv * n_chunks * QROWS * D, device=q.device, dtype=torch.float32)
     dummy = q.new_empty(1)
     offset = 0
-    for seg, (chunk, count, tile) in zip(segs, plans):
+    for seg, (chunk, count, tile, options) in zip(segs, plans):
         quantized = seg.bits < 16
         ks = seg.ks if quantized else dummy
         vs = seg.vs if quantized else dummy
@@ -355,7 +373,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=tile,
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
-            STAGES=NUM_STAGES, num_warps=NUM_WARPS, **cap, **asm)
+            STAGES=NUM_STAGES, **options, **asm)
         offset += count
     out = q.new_empty(B, H, 1, D)
     _merge[(B * Hkv, g)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0), out.stride(1),
