@@ -12,7 +12,13 @@ zipvl backend (forced ratio 0.5, all queries computed: random weights have no at
 sparsity), a 1024-token prompt: relative error of the next-token logits of 8 decoded tokens vs
 ``DynamicCache`` on the same model (quanto's cache runs on an eager copy: it does not compile).
 
-    python benchmarks/kv_quality.py [--json results.json]
+Part C, the shipped toy VLM (``zipvl_compile.toyvlm``: trained, its attention concentrated,
+issue 5): answer accuracy, agreement with the full-precision cache's answer, relative error of
+the answer logits and memory, per difficulty level, ours (sparse prefill at tau=0.975 handing
+its importance to the cache) against quanto (dense prefill), each against its own prefill with
+``DynamicCache``.
+
+    python benchmarks/kv_quality.py [--json results.json] [--skip-model] [--skip-toy]
 
 Memory is the bytes each cache holds (ours: ``memory_bytes()``; quanto: codes, scales,
 shifts and its residual), relative to the 16-bit cache of the same tokens.
@@ -173,10 +179,87 @@ def part_b():
     return rows
 
 
+def part_c(n: int):
+    """The shipped toy VLM (trained, attention concentrated: issue 5), ``n`` held-out questions
+    per level; the answer is one decode step reading the cache.  Ours: the zipvl backend at
+    tau=0.975 with the toy's probe and cache sizes (``eval.TOY_PROBES``, ``eval.TOY_CACHE``),
+    against the same sparse prefill with ``DynamicCache``; quanto (same group and residual
+    sizes) on the eager model, against the eager model with ``DynamicCache``."""
+    from transformers import DynamicCache, QuantizedCache
+
+    from zipvl_compile import eval as ev
+    from zipvl_compile.helpers import compile_language_model, uncompile_language_model
+
+    model, _ = ev.load_toyvlm()
+    data = ev.ToyQuestions(model, n=n, grid=model.config.grid)
+    sizes = ev.TOY_CACHE
+
+    def answers(make_cache):
+        """Per level: (answer logits [n, vocab], correct answers, bytes a quantized cache held,
+        bytes a 16-bit cache of the same tokens holds (for DynamicCache))."""
+        out = {}
+        for level in data.levels:
+            logits, correct, held, dense = [], 0, 0, 0
+            for pixels, text, answer in data.batches(level, 64):
+                cache = make_cache()
+                lg = model.answer(pixels, text, cache).float()
+                logits.append(lg)
+                correct += int((lg.argmax(-1) == answer).sum())
+                if isinstance(cache, ZipVLCache):
+                    held += cache.memory_bytes()
+                elif isinstance(cache, QuantizedCache):
+                    held += sum(quanto_bytes(layer) for layer in cache.layers)
+                else:
+                    dense += sum(layer.keys.numel() * 2 * 2 for layer in cache.layers)
+            out[level] = (torch.cat(logits), correct, held, dense)
+        return out
+
+    def row(name, got, ref):
+        r = dict(cache=name)
+        for level, (lg, correct, held, _) in got.items():
+            ref_lg, _, _, ref_dense = ref[level]
+            r[level] = dict(accuracy=correct / len(lg),
+                            agreement=float((lg.argmax(-1) == ref_lg.argmax(-1)).float().mean()),
+                            logit_err=((lg - ref_lg).norm() / ref_lg.norm()).item(),
+                            memory=held / ref_dense if held else None)
+        return r
+
+    rows = []
+    with torch.no_grad():
+        eager_ref = answers(DynamicCache)
+        rows.append(row("dense prefill, DynamicCache", eager_ref, eager_ref))
+        for bits in QUANTO:
+            got = answers(lambda: QuantizedCache(backend="quanto", config=model.language_model
+                                                 .config, nbits=bits,
+                                                 q_group_size=sizes["group_size"],
+                                                 residual_length=sizes["residual_length"]))
+            rows.append(row(f"dense prefill, quanto {bits}-bit", got, eager_ref))
+        torch._dynamo.reset()
+        compile_language_model(model, inductor=False, tau=0.975, **ev.TOY_PROBES)
+        try:
+            sparse_ref = answers(DynamicCache)
+            rows.append(row("zipvl tau=0.975, DynamicCache", sparse_ref, sparse_ref))
+            for hb, lb in OURS:
+                got = answers(lambda: ZipVLCache(high_bits=hb, low_bits=lb, **sizes))
+                rows.append(row(f"zipvl tau=0.975, cache {hb}/{lb}", got, sparse_ref))
+        finally:
+            uncompile_language_model(model)
+    return rows, data.levels
+
+
+def toy_cell(m: dict) -> str:
+    """One level of a part-C row: accuracy % / agreement % / logit error / memory."""
+    memory = "-" if m["memory"] is None else f"{100 * m['memory']:.0f}%"
+    return (f"{100 * m['accuracy']:.1f} / {100 * m['agreement']:.1f} / "
+            f"{m['logit_err']:.3f} / {memory}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--skip-toy", action="store_true")
+    ap.add_argument("--toy-n", type=int, default=128, help="questions per level (part C)")
     args = ap.parse_args()
     from tabulate import tabulate
 
@@ -193,9 +276,17 @@ def main():
                          r["same_tokens"]] for r in b],
                        headers=["cache", "memory vs 16-bit", "next-token logit rel. error",
                                 "same greedy tokens"]))
+    c, levels = ([], []) if args.skip_toy else part_c(args.toy_n)
+    if c:
+        print(f"\nPart C: the shipped toy VLM (trained, fp32), {args.toy_n} held-out questions "
+              "per level, one decode step reading the cache; agreement and logit error against "
+              "the same prefill with DynamicCache; memory: bytes held / a 16-bit cache's")
+        print(tabulate([[r["cache"]] + [toy_cell(r[lv]) for lv in levels] for r in c],
+                       headers=["cache"] + [f"{lv}: acc % / agree % / logit err / memory"
+                                            for lv in levels]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(part_a=a, part_b=b), f, indent=1)
+            json.dump(dict(part_a=a, part_b=b, part_c=c), f, indent=1)
 
 
 if __name__ == "__main__":

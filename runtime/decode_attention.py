@@ -182,7 +182,20 @@ def _(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv
     return rk.new_empty(B, Hkv, length, d), rv.new_empty(B, Hkv, length, rv.shape[-1])
 
 
-@torch.library.custom_op("zipvl::decode_attention", mutates_args=())
+# zipvl::decode_attention runs once per layer and decode step, so its host cost counts wherever
+# steps are not replayed from CUDA graphs.  It is defined with torch.library.Library instead of
+# torch.library.custom_op, whose Python wrappers (autograd, aliasing checks) cost ~55 us per
+# call on an H100 host (445 vs 389 us per eager call, BENCHMARKS.md, session 9).  Inference
+# only: no autograd formula.
+_LIB = torch.library.Library("zipvl", "FRAGMENT")
+_LIB.define(
+    "decode_attention(Tensor q, Tensor? attn_mask, float scale, Tensor hk, Tensor? hks, "
+    "Tensor? hkm, Tensor hv, Tensor? hvs, Tensor? hvm, Tensor hpos, Tensor? lk, Tensor? lks, "
+    "Tensor? lkm, Tensor? lv, Tensor? lvs, Tensor? lvm, Tensor? lpos, Tensor rk, Tensor rv, "
+    "Tensor? rpos, SymInt high_bits, SymInt low_bits, SymInt group, SymInt vgroup, "
+    "SymInt length, bool evicted, SymInt site=-1) -> Tensor")
+
+
 def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
                      hk: torch.Tensor, hks: Optional[torch.Tensor], hkm: Optional[torch.Tensor],
                      hv: torch.Tensor, hvs: Optional[torch.Tensor], hvm: Optional[torch.Tensor],
@@ -206,7 +219,10 @@ def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: 
     return chunked(q, segs, attn_mask, scale)
 
 
-@decode_attention.register_fake
+_LIB.impl("decode_attention", decode_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("zipvl::decode_attention")
 def _(q, attn_mask, scale, hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos,
       rk, rv, rpos, high_bits, low_bits, group, vgroup, length, evicted, site=-1):
     B, H, Lq, _ = q.shape

@@ -157,9 +157,10 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     """Partial softmax of one (sequence, KV head, chunk).  Quantized keys are never
     dequantized: with per-channel scale s and middle value z constant over a tile (tiles lie
     inside one key group) and c the middle code, q.k = (q * s).(code - c) + q.z; values with one
-    scale per token likewise, p.v = (p * s_v).(code - c) + p.z_v.  Codes are read plane by plane (``quant`` packs channel
-    ``j * W + i`` into byte i), so a plane is one shift and mask of the bytes and one ``tl.dot``
-    of W channels; the planes' results are never interleaved in registers."""
+    scale per token likewise, p.v = (p * s_v).(code - c) + p.z_v.  Codes are read plane by
+    plane (``quant`` packs channel ``j * W + i`` into byte i), so a plane is one shift and mask
+    of the bytes and one ``tl.dot`` of W channels; the planes' results are never interleaved
+    in registers."""
     DT: tl.constexpr = Q.dtype.element_ty
     PER: tl.constexpr = 8 // BITS if BITS < 16 else 1
     W: tl.constexpr = D // PER  # channels per plane = bytes per token when quantized
