@@ -184,8 +184,8 @@ def _(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv
 
 # zipvl::decode_attention runs once per layer and decode step, so its host cost counts wherever
 # steps are not replayed from CUDA graphs.  It is defined with torch.library.Library instead of
-# torch.library.custom_op, whose Python wrappers (autograd, aliasing checks) cost ~55 us per
-# call on an H100 host (445 vs 389 us per eager call, BENCHMARKS.md, session 9).  Inference
+# torch.library.custom_op, whose Python wrappers (autograd, aliasing checks) cost 30-56 us per
+# call on H100 hosts (218 vs 248 us per eager call; BENCHMARKS.md, session 9).  Inference
 # only: no autograd formula.
 _LIB = torch.library.Library("zipvl", "FRAGMENT")
 _LIB.define(
