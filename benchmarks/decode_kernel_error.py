@@ -15,36 +15,15 @@ import torch
 
 sys.path.insert(0, "tests")
 sys.path.insert(0, ".")
-from test_gpu import DECODE_BITS, DECODE_TOL, rel_err  # noqa: E402
-from test_kv_cache import filled_cache  # noqa: E402
-from zipvl_compile import ZipVLConfig  # noqa: E402
-from zipvl_compile.runtime import decode_attention as da  # noqa: E402
-
-N = 1000      # prompt tokens, as in the tests
-DECODED = 37  # decoded tokens after the prompt
-
-
-def cache_args(dtype, hb, lb, batch, group, heads, kv_heads):
-    """The CUDA kernel arguments of the tests' one-layer cache for this case (fixed seed)."""
-    cfg = ZipVLConfig(high_bits=hb, low_bits=lb, group_size=group, residual_length=64)
-    cache, _, _, _ = filled_cache(cfg, B=batch, Hkv=kv_heads, n=N, d=128,
-                                  budgets=(500, 300, 700)[:batch], decode=DECODED,
-                                  seed=hb * 10 + lb, dtype=dtype)
-    return [a.cuda() if isinstance(a, torch.Tensor) else a
-            for a in cache.layers[0].kernel_args()]
+from test_gpu import (DECODE_BITS, DECODE_TOL, decode_case, decode_vs_reference,  # noqa: E402
+                      rel_err)
 
 
 def error(args, dtype, batch, heads, seed) -> tuple[float, bool]:
     """(relative error, output finite) of one random query against the fp32 reference."""
-    segs = da.segments(*args)
     torch.manual_seed(seed)
     q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=dtype)
-    mask = torch.ones(batch, 1, 1, N + DECODED, dtype=torch.bool, device="cuda")
-    mask[-1, ..., :100] = False  # left padding in the last sequence
-    out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *args)
-    fp32 = [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits, s.group, s.vgroup,
-                       torch.float32, s.base) for s in segs]
-    ref = da.reference(q.float(), fp32, mask, 128 ** -0.5)
+    out, ref = decode_vs_reference(args, q)
     return rel_err(out, ref), bool(torch.isfinite(out).all())
 
 
@@ -58,8 +37,8 @@ def main():
     start = time.time()
     rows = []
     for case in cases:
-        dtype, _, _, batch, _, heads, _ = case
-        args = cache_args(*case)
+        dtype, hb, lb, batch, group, heads, kv_heads = case
+        args = decode_case(dtype, hb, lb, batch, group, kv_heads)
         results = [error(args, dtype, batch, heads, seed) for seed in range(queries)]
         worst = max(range(queries), key=lambda s: results[s][0])
         nonfinite = sum(not ok for _, ok in results)

@@ -186,14 +186,8 @@ def _(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos, rk, rv
 # steps are not replayed from CUDA graphs.  It is defined with torch.library.Library instead of
 # torch.library.custom_op, whose Python wrappers (autograd, aliasing checks) cost 30-56 us per
 # call on H100 hosts (218 vs 248 us per eager call; BENCHMARKS.md, session 9).  Inference
-# only: no autograd formula.
+# only: no autograd formula; the schema is inferred from the signature, as custom_op does.
 _LIB = torch.library.Library("zipvl", "FRAGMENT")
-_LIB.define(
-    "decode_attention(Tensor q, Tensor? attn_mask, float scale, Tensor hk, Tensor? hks, "
-    "Tensor? hkm, Tensor hv, Tensor? hvs, Tensor? hvm, Tensor hpos, Tensor? lk, Tensor? lks, "
-    "Tensor? lkm, Tensor? lv, Tensor? lvs, Tensor? lvm, Tensor? lpos, Tensor rk, Tensor rv, "
-    "Tensor? rpos, SymInt high_bits, SymInt low_bits, SymInt group, SymInt vgroup, "
-    "SymInt length, bool evicted, SymInt site=-1) -> Tensor")
 
 
 def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
@@ -219,6 +213,7 @@ def decode_attention(q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: 
     return chunked(q, segs, attn_mask, scale)
 
 
+_LIB.define("decode_attention" + torch.library.infer_schema(decode_attention, mutates_args=()))
 _LIB.impl("decode_attention", decode_attention, "CompositeExplicitAutograd")
 
 

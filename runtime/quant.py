@@ -98,6 +98,11 @@ def plane_asm(bits: int, j: int, dtype: torch.dtype) -> str:
             f"prmt.b32 $1, t, {fill}, 0x4342; {exact}}}")
 
 
+def middle_code(bits: int) -> float:
+    """``c = (2**bits - 1) / 2``: the code whose value a group stores as ``mid``."""
+    return ((1 << bits) - 1) / 2
+
+
 def _grouped(x: torch.Tensor, group_size: int, per_channel: bool) -> torch.Tensor:
     """View x [..., T, d] as groups on dim -2: [..., T//g, g, d] or [..., T, d//g, g]."""
     *lead, T, d = x.shape
@@ -122,9 +127,10 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, per_channel: bool) -> 
     top = (1 << bits) - 1
     low = g.amin(dim=reduce_dim, keepdim=True)
     scale = ((g.amax(dim=reduce_dim, keepdim=True) - low) / top).half()
-    mid = (low + scale.float() * (top / 2)).half()
+    c = middle_code(bits)
+    mid = (low + scale.float() * c).half()
     safe = torch.where(scale > 0, scale, 1.0).float()  # a constant group: every code is c
-    codes = torch.round((g - mid.float()) / safe + top / 2).clamp(0, top)
+    codes = torch.round((g - mid.float()) / safe + c).clamp(0, top)
     codes = codes.to(torch.uint8).reshape(x.shape)
     return Quantized(pack(codes, bits), scale.squeeze(reduce_dim), mid.squeeze(reduce_dim),
                      bits, group_size, per_channel, x.dtype)
@@ -137,6 +143,6 @@ def dequantize(q: Quantized) -> torch.Tensor:
     codes = unpack(q.data, q.bits).float()
     g = _grouped(codes, q.group_size, q.per_channel)
     expand_dim = -2 if q.per_channel else -1
-    centred = g - ((1 << q.bits) - 1) / 2
+    centred = g - middle_code(q.bits)
     out = centred * q.scale.float().unsqueeze(expand_dim) + q.mid.float().unsqueeze(expand_dim)
     return out.reshape(codes.shape).to(q.dtype)

@@ -180,29 +180,46 @@ DECODE_BITS = [(16, 16), (8, 8), (8, 4), (4, 4), (4, 2), (4, 0), (2, 2), (16, 0)
 DECODE_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
+DECODE_PROMPT, DECODE_STEPS = 1000, 37  # a prompt length that is not a multiple of the group
+
+
+def decode_case(dtype, hb, lb, batch, group, kv_heads, device="cuda") -> list:
+    """Kernel arguments of a one-layer cache (head dim 128, an outlier key channel, a split by
+    importance, DECODE_STEPS decoded tokens) on ``device``; fixed seed per bit pair."""
+    from test_kv_cache import filled_cache
+
+    cfg = ZipVLConfig(high_bits=hb, low_bits=lb, group_size=group, residual_length=64)
+    cache, _, _, _ = filled_cache(cfg, B=batch, Hkv=kv_heads, n=DECODE_PROMPT, d=128,
+                                  budgets=(500, 300, 700)[:batch], decode=DECODE_STEPS,
+                                  seed=hb * 10 + lb, dtype=dtype)
+    return [a.to(device) if isinstance(a, torch.Tensor) else a
+            for a in cache.layers[0].kernel_args()]
+
+
+def decode_vs_reference(args, q):
+    """(``zipvl::decode_attention`` of q over the cache ``args``, the fp32 reference), with
+    left padding in the last sequence."""
+    from zipvl_compile.runtime import decode_attention as da
+
+    mask = torch.ones(q.shape[0], 1, 1, DECODE_PROMPT + DECODE_STEPS, dtype=torch.bool,
+                      device=q.device)
+    mask[-1, ..., :100] = False
+    out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *args)
+    fp32 = [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits, s.group, s.vgroup,
+                       torch.float32, s.base) for s in da.segments(*args)]
+    return out, da.reference(q.float(), fp32, mask, 128 ** -0.5)
+
+
 def check_triton_decode(dtype, hb, lb, batch, group, heads, kv_heads):
     """The Triton decode kernels against the fp32 reference: an outlier key channel, a prompt
     length that is not a multiple of the group, left padding in the last sequence."""
-    from test_kv_cache import filled_cache
     from zipvl_compile.runtime import decode_attention as da
     from zipvl_compile.runtime import triton_decode
 
-    n = 1000
-    cfg = ZipVLConfig(high_bits=hb, low_bits=lb, group_size=group, residual_length=64)
-    budgets = (500, 300, 700)[:batch]
-    cache, k, v, _ = filled_cache(cfg, B=batch, Hkv=kv_heads, n=n, d=128, budgets=budgets,
-                                  decode=37, seed=hb * 10 + lb, dtype=dtype)
-    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a
-                 for a in cache.layers[0].kernel_args()]
-    segs = da.segments(*cuda_args)
+    args = decode_case(dtype, hb, lb, batch, group, kv_heads)
     q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=dtype)
-    mask = torch.ones(batch, 1, 1, n + 37, dtype=torch.bool, device="cuda")
-    mask[-1, ..., :100] = False
-    assert triton_decode.problem(q, segs) == ""
-    out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *cuda_args)
-    ref = da.reference(q.float(), [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits,
-                                              s.group, s.vgroup, torch.float32, s.base)
-                                   for s in segs], mask, 128 ** -0.5)
+    assert triton_decode.problem(q, da.segments(*args)) == ""
+    out, ref = decode_vs_reference(args, q)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < DECODE_TOL[dtype]
 
