@@ -11,6 +11,12 @@ denominator, accumulator) goes to a scratch buffer; a second kernel merges the p
 every chunk of every segment.  Nothing of the cached length is materialized in full precision:
 the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
 
+2- and 4-bit segments that ``gluon_decode.supported`` takes (bf16/fp16 queries, up to 8 query
+heads per KV head, head dim 64 or 128 ...) run ``gluon_decode._partials`` instead of
+``_partials``: the same partials from a kernel whose register layouts are written out
+(BENCHMARKS.md, issue 3, session 10).  ``_partials`` stays for every other segment (16 and
+8 bits, fp32 queries, GQA groups of 9-16 heads, ROCm, a Triton without Gluon).
+
 Shapes as in ``decode_attention``; d a power of two >= 16.
 """
 from __future__ import annotations
@@ -41,6 +47,17 @@ REGISTER_CAP = 128
 FOUR_BIT_WARPS = 8            # 0: no such rule (a measurement knob)
 FOUR_BIT_PROGRAMS_PER_SM = 2
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
+# 2- and 4-bit segments that ``gluon_decode.supported`` takes run the Gluon kernel instead of
+# ``_partials``: GLUON_PROGRAMS_PER_SM one-warp programs per SM (all it fits at 255 registers);
+# USE_GLUON = False: every segment on ``_partials`` (a measurement knob).
+USE_GLUON = True
+GLUON_PROGRAMS_PER_SM = 8
+GLUON_MAXNREG = 0     # register cap of the Gluon kernel (0: none)
+# The merge: one program per query head and MERGE_BLOCK_D channels, MERGE_BLOCK_C chunks at a
+# time (one program per query head took 29 us at 128K batch 1 over ~500 chunks, this 6 us;
+# H100, BENCHMARKS.md).
+MERGE_BLOCK_D = 32
+MERGE_BLOCK_C = 128
 
 
 def problem(q: torch.Tensor, segs) -> str:
@@ -271,17 +288,18 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
 
 @triton.jit
 def _merge(M, L, ACC, OUT, Hkv, n_heads_per_kv, n_chunks, s_ob, s_oh,
-           D: tl.constexpr, QR: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program per query head: merge the partials of every chunk of every segment."""
+           D: tl.constexpr, QR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (query head, BLOCK_D channels): merge the partials of every chunk of
+    every segment (split over channels so that a batch-1 call still has enough programs)."""
     bh = tl.program_id(0)
     row = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
-    d = tl.arange(0, D)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     first = (bh * QR + row) * n_chunks
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
     for c0 in tl.range(0, n_chunks, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         ok = cs < n_chunks
@@ -298,6 +316,21 @@ def _merge(M, L, ACC, OUT, Hkv, n_heads_per_kv, n_chunks, s_ob, s_oh,
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(OUT + b * s_ob + (hk * n_heads_per_kv + row) * s_oh + d,
              out.to(OUT.dtype.element_ty))
+
+
+def _gluon_decode():
+    """The Gluon kernel module, or None where this Triton has no Gluon (imported once)."""
+    global _GLUON
+    if _GLUON is False:
+        try:
+            from . import gluon_decode
+            _GLUON = gluon_decode
+        except ImportError:
+            _GLUON = None
+    return _GLUON
+
+
+_GLUON = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -338,8 +371,16 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     tile_of = [_tile(s, q.dtype) for s in segs]
     tiles = sum(B * Hkv * _cdiv(s.slots, tile) for s, tile in zip(segs, tile_of))
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
+    gluon = [USE_GLUON and _gluon_decode() is not None and _gluon_decode().supported(s, q)
+             for s in segs]
     plans = []  # (chunk length, number of chunks, tile, launch options) per segment
-    for seg, tile in zip(segs, tile_of):
+    for seg, tile, on_gluon in zip(segs, tile_of, gluon):
+        if on_gluon:  # chunks of whole key groups, GLUON_PROGRAMS_PER_SM programs per SM
+            groups = _cdiv(seg.slots, seg.group)
+            want = max(1, GLUON_PROGRAMS_PER_SM * sms // (B * Hkv))
+            per_chunk = _cdiv(groups, want)
+            plans.append((per_chunk * seg.group, _cdiv(groups, per_chunk), tile, {}))
+            continue
         per_sm, by_slots, options = _launch(seg.bits, q.dtype, large)
         share = per_sm * sms * seg.slots // max(total_slots, 1) if by_slots else per_sm * sms
         share = max(1, share)
@@ -350,7 +391,12 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     acc = torch.empty(B * Hkv * n_chunks * QROWS * D, device=q.device, dtype=torch.float32)
     dummy = q.new_empty(1)
     offset = 0
-    for seg, (chunk, count, tile, options) in zip(segs, plans):
+    for seg, (chunk, count, tile, options), on_gluon in zip(segs, plans, gluon):
+        if on_gluon:
+            _gluon_decode().launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
+                                   n_chunks, GLUON_MAXNREG)
+            offset += count
+            continue
         quantized = seg.bits < 16
         ks = seg.ks if quantized else dummy
         vs = seg.vs if quantized else dummy
@@ -377,6 +423,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             STAGES=NUM_STAGES, **options, **asm)
         offset += count
     out = q.new_empty(B, H, 1, D)
-    _merge[(B * Hkv, g)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0), out.stride(1),
-                         D=D, QR=QROWS, BLOCK_C=32)
+    block_d = min(D, MERGE_BLOCK_D)
+    _merge[(B * Hkv, g, D // block_d)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0),
+                                       out.stride(1), D=D, QR=QROWS, BLOCK_C=MERGE_BLOCK_C,
+                                       BLOCK_D=block_d)
     return out

@@ -218,7 +218,11 @@ def check_triton_decode(dtype, hb, lb, batch, group, heads, kv_heads):
 
     args = decode_case(dtype, hb, lb, batch, group, kv_heads)
     q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=dtype)
-    assert triton_decode.problem(q, da.segments(*args)) == ""
+    segs = da.segments(*args)
+    assert triton_decode.problem(q, segs) == ""
+    if dtype != torch.float32:  # 2- and 4-bit segments take the Gluon kernel where it exists
+        gluon = triton_decode._gluon_decode()
+        assert gluon is None or all(gluon.supported(s, q) for s in segs if s.bits in (2, 4))
     out, ref = decode_vs_reference(args, q)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < DECODE_TOL[dtype]
@@ -238,6 +242,41 @@ def test_triton_decode_without_gqa_matches_the_reference(dtype, hb, lb):
     """LLaVA-7B head layout: one query head per KV head (one real row of the 16 a ``tl.dot``
     takes)."""
     check_triton_decode(dtype, hb, lb, 3, 32, heads=8, kv_heads=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hb,lb", [(4, 2), (2, 2)])
+def test_gluon_decode_over_long_chunks(dtype, hb, lb, monkeypatch):
+    """One program per (sequence, KV head) and segment (GLUON_PROGRAMS_PER_SM = 0): chunks of
+    128 groups, 512 tiles, where a kernel that accumulated p @ v across tiles inside the tensor
+    cores lost up to 30% of the output (diffuse attention over random K/V: the output is small
+    against magic * sum(p * s))."""
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import kv_split, triton_decode
+
+    if triton_decode._gluon_decode() is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(triton_decode, "GLUON_PROGRAMS_PER_SM", 0)
+    gen = torch.Generator(device="cuda").manual_seed(hb * 10 + lb)
+    B, Hkv, n, d = 1, 2, 32768, 128
+    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)
+    q = torch.randn(B, 7 * Hkv, 1, d, device="cuda", dtype=dtype, generator=gen)
+    order = torch.randperm(n, generator=gen, device="cuda")[None]
+    kept = torch.cat([order[:, :n // 2].sort(-1).values, order[:, n // 2:].sort(-1).values], 1)
+    plan = kv_split.plan(n, kept, torch.full((B,), n // 2, device="cuda"), residual_length=128)
+    split = kv_split.split_by_importance(k, v, plan, plan.counts.tolist(), high_bits=hb,
+                                         low_bits=lb, group_size=128, vgroup=d)
+    segs = [da.Segment(*split.hi.tensors(), hb, 128, d, dtype),
+            da.Segment(*split.lo.tensors(), lb, 128, d, dtype),
+            da.Segment(split.res_k, None, None, split.res_v, None, None, None, 16, 128, d,
+                       dtype, base=n - split.res_k.shape[-2])]
+    gluon = triton_decode._gluon_decode()
+    assert all(gluon.supported(s, q) for s in segs[:2])
+    out = triton_decode.decode(q, segs, None, d ** -0.5)
+    fp32 = [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits, s.group, s.vgroup,
+                       torch.float32, s.base) for s in segs]
+    assert rel_err(out, da.reference(q.float(), fp32, None, d ** -0.5)) < DECODE_TOL[dtype]
 
 
 @torch.no_grad()
