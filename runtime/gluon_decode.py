@@ -330,6 +330,12 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     vx = gl.load(v_tile + start * s_vp, mask=(start + v_slot < stop)[:, None], other=0)
     live = start + slot < stop
     pos = gl.load(pos_row + start, mask=live, other=-1)
+    # positions run two tiles ahead and the mask's bias (gathered by position) one tile ahead,
+    # so that no tile waits on a dependent load
+    pos_next = gl.load(pos_row + start + BN, mask=start + BN + slot < stop, other=-1)
+    bias = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
+    if HAS_BIAS:
+        bias = gl.load(BIAS + b * s_bb + pos, mask=pos >= 0, other=0.0) * LOG2E_C
     vsc = gl.load(v_scale + start * s_vsp, mask=live, other=0.0)
     vmd = gl.load(v_mid + start * s_vsp, mask=live, other=0.0)
     for g0 in range(start, stop, GROUP):
@@ -352,7 +358,11 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             kx_next = gl.load(k_tile + nn * s_kp, mask=(nn + k_slot < stop)[:, None], other=0)
             vx_next = gl.load(v_tile + nn * s_vp, mask=(nn + v_slot < stop)[:, None], other=0)
             live_next = nn + slot < stop
-            pos_next = gl.load(pos_row + nn, mask=live_next, other=-1)
+            pos_next2 = gl.load(pos_row + nn + BN, mask=nn + BN + slot < stop, other=-1)
+            bias_next = bias
+            if HAS_BIAS:
+                bias_next = gl.load(BIAS + b * s_bb + pos_next, mask=pos_next >= 0,
+                                    other=0.0) * LOG2E_C
             vsc_next = gl.load(v_scale + nn * s_vsp, mask=live_next, other=0.0)
             vmd_next = gl.load(v_mid + nn * s_vsp, mask=live_next, other=0.0)
             live = n0 + slot < stop
@@ -371,7 +381,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                 s = mma_v2(_key_operand(_bytes(k30, k31, k32, k33, W), W, KA), qs3, s)
             ok = live & (pos >= 0)
             if HAS_BIAS:
-                s += gl.load(BIAS + b * s_bb + pos, mask=ok, other=0.0)[:, None] * LOG2E_C
+                s += bias[:, None]
             s = gl.where(ok[:, None], s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=0))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -408,6 +418,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             kx = kx_next
             vx = vx_next
             pos = pos_next
+            pos_next = pos_next2
+            bias = bias_next
             vsc = vsc_next
             vmd = vmd_next
 
