@@ -1,11 +1,10 @@
 """One decode step of attention for a Qwen2-7B (or LLaVA-7B: --shape) layer over a long KV cache.
 
 28 query heads, 4 KV heads, head dim 128, bf16 (``--dtype float16``: fp16).  Baseline: PyTorch
-SDPA over the 16-bit cache
-(every available backend -- flash, cuDNN, efficient -- is timed and the fastest is the
-baseline).  ZipVL: ``zipvl::decode_attention`` (Triton) over a mixed-precision cache built
-directly (random K/V, a random half of the prompt important, as ``ZipVLCache`` stores it after
-a hand-over), at the default 4/2 and at 4/0.  Each call is captured in a CUDA graph (20 calls
+SDPA over the 16-bit cache (every available backend -- flash, cuDNN, efficient -- is timed and
+the fastest is the baseline).  ZipVL: ``zipvl::decode_attention`` (Gluon and Triton kernels)
+over a mixed-precision cache built directly (random K/V, a random half of the prompt
+important, as ``ZipVLCache`` stores it after a hand-over), at the default 4/2 and at 4/0.  Each call is captured in a CUDA graph (20 calls
 per replay) so that times are GPU times, as in a CUDA-graph decode loop; eager times (Python
 and launch overhead included) are printed too.
 
@@ -105,12 +104,14 @@ def nbytes(args) -> int:
 
 
 def sweep(contexts, batches):
-    """Launch parameters of the Triton kernel (programs per SM, register cap), 4/2 cache."""
+    """Launch parameters of the Triton kernel (programs per SM, register cap), 4/2 cache, with
+    the Gluon kernel off (``USE_GLUON``)."""
     import itertools
 
     from tabulate import tabulate
     from zipvl_compile.runtime import triton_decode as td
 
+    td.USE_GLUON = False
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for B, n in itertools.product(batches, contexts):

@@ -45,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from . import quant
 
-TILE = 32                  # slots per tile (the kernel's BN; 32 or 64)
+TILE = 32                  # slots per tile (the kernel's BN; 64 spills registers)
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
 LOG2E = 1.4426950408889634
@@ -58,7 +58,7 @@ def supported(seg, q: torch.Tensor) -> bool:
             and seg.group % TILE == 0 and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[1] // seg.kd.shape[1] <= HEADS.value and torch.version.hip is None
             and seg.kd.stride(-2) == seg.vd.stride(-2) == d * seg.bits // 8
-            and seg.kd.stride(-1) == seg.vd.stride(-1) == 1)
+            and seg.kd.stride(-1) == seg.vd.stride(-1) == 1 and seg.pos is not None)
 
 
 def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
@@ -215,12 +215,8 @@ def _transposed_probabilities(pw, layout: gl.constexpr):
     """pw [BN slots, HEADS] (16-bit, accumulator layout) -> the same values as the B operand
     [BN, HEADS] of ``V^T P^T``: each 8 x 8 block is transposed across the warp by one
     ``movmatrix`` per register, then relabelled (slot 8a + i, head j <- label 8a + j, i)."""
-    if pw.dtype == gl.bfloat16:
-        x = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
-                                      [pw], dtype=gl.bfloat16, is_pure=True, pack=2)
-    else:
-        x = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
-                                      [pw], dtype=gl.float16, is_pure=True, pack=2)
+    x = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
+                                  [pw], dtype=pw.dtype, is_pure=True, pack=2)
     BN: gl.constexpr = pw.shape[0]
     x = gl.reshape(x, [BN // 8, 8, 8])
     x = gl.permute(x, [0, 2, 1])
@@ -265,7 +261,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
               HAS_BIAS: gl.constexpr, MAGIC: gl.constexpr, ASM: gl.constexpr, BN: gl.constexpr,
               MMA: gl.constexpr, KEY: gl.constexpr, VALUE: gl.constexpr, QL: gl.constexpr,
-              GL: gl.constexpr, QB: gl.constexpr, KA: gl.constexpr, VA: gl.constexpr, PB: gl.constexpr):
+              GL: gl.constexpr, QB: gl.constexpr, KA: gl.constexpr, VA: gl.constexpr,
+              PB: gl.constexpr):
     """Partial softmax (max, denominator, accumulator) of one (sequence, KV head, chunk of
     slots), ``chunk`` a multiple of GROUP; the same outputs as ``triton_decode._partials``.
     KD/VD are the codes as int32 words (strides in words).  ``qscale`` is the softmax scale
