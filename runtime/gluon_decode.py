@@ -391,9 +391,9 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             m_i = m_new
             pt = _transposed_probabilities(pw, PB)
             # each tile's p @ v starts from zero in the tensor cores and is added to the
-            # running accumulators in fp32: accumulating across tiles inside the MMA (which
-            # truncates) lost up to 30% of the output over long chunks, where
-            # magic * sum(p * s) cancels against the row terms
+            # running accumulators in fp32: accumulating across tiles inside the MMA lost up to
+            # 30% of the output over long chunks, where magic * sum(p * s) cancels against the
+            # row terms (BENCHMARKS.md, issue 3, session 10)
             a_col = alpha[None, :]
             if PER == 2:
                 v00, v01, v02, v03, v10, v11, v12, v13 = _unpack(vx, ASM, PER, qs0)
