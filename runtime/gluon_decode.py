@@ -77,18 +77,15 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
         *seg.ks.stride()[:3], *vw.stride()[:2], *seg.vs.stride()[:3], seg.pos.stride(0),
         bias.stride(0) if bias is not None else 0,
         BITS=seg.bits, GROUP=seg.group, D=D, W=W, HAS_BIAS=bias is not None,
-        MAGIC=quant.float_magic(q.dtype, seg.bits)[1], ASM=pairs_asm(seg.bits, q.dtype),
-        BN=TILE, **_layouts(W, TILE), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+        MAGIC_C=quant.float_magic(q.dtype, seg.bits)[1] + quant.middle_code(seg.bits),
+        ASM=pairs_asm(seg.bits, q.dtype),
+        BN=TILE, **layouts(W, TILE), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 @functools.lru_cache(maxsize=None)
-def _layouts(W: int, BN: int) -> dict:
-    return layouts(W, BN)
-
-
 def layouts(W: int, BN: int) -> dict:
     """The constexpr layouts of the kernel for ``W`` bytes per token and tiles of ``BN``
-    slots (one warp)."""
+    slots (one warp; cached: the dict is shared, callers only unpack it)."""
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     words = W // 4
     wb = [1 << i for i in range(words.bit_length() - 1)]     # word bits, low to high
@@ -259,22 +256,22 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               s_qb, s_qh, s_kb, s_kh, s_ksb, s_ksh, s_ksg, s_vb, s_vh,
               s_vsb, s_vsh, s_vsp, s_pb, s_bb,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
-              HAS_BIAS: gl.constexpr, MAGIC: gl.constexpr, ASM: gl.constexpr, BN: gl.constexpr,
-              MMA: gl.constexpr, KEY: gl.constexpr, VALUE: gl.constexpr, QL: gl.constexpr,
-              GL: gl.constexpr, QB: gl.constexpr, KA: gl.constexpr, VA: gl.constexpr,
-              PB: gl.constexpr):
+              HAS_BIAS: gl.constexpr, MAGIC_C: gl.constexpr, ASM: gl.constexpr,
+              BN: gl.constexpr, MMA: gl.constexpr, KEY: gl.constexpr, VALUE: gl.constexpr,
+              QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr, KA: gl.constexpr,
+              VA: gl.constexpr, PB: gl.constexpr):
     """Partial softmax (max, denominator, accumulator) of one (sequence, KV head, chunk of
     slots), ``chunk`` a multiple of GROUP; the same outputs as ``triton_decode._partials``.
     KD/VD are the codes as int32 words (strides in words).  ``qscale`` is the softmax scale
     times log2(e): scores are kept in log2 units and the max is stored back in natural-log
     units.  Scores are computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: the slots fill
-    the MMA's 16 rows, the heads its 8 columns."""
+    the MMA's 16 rows, the heads its 8 columns.  ``MAGIC_C``: the codes' float offset (magic,
+    ``quant.float_magic``) plus the middle code (``quant.middle_code``)."""
     DT: gl.constexpr = Q.dtype.element_ty
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
     s_kp: gl.constexpr = WORDS   # rows of codes are contiguous (``supported``): the compiler
     s_vp: gl.constexpr = WORDS   # then addresses a whole tile from one base register
-    MAGIC_C: gl.constexpr = MAGIC + ((1 << BITS) - 1) * 0.5
     TILES: gl.constexpr = GROUP // BN
     LOG2E_C: gl.constexpr = 1.4426950408889634
     bh = gl.program_id(0)

@@ -126,37 +126,37 @@ def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr
 
 @triton.jit
 def _qk_plane(q, kp, KS, KM, g_off, J: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-              MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
+              MAGIC_BITS: tl.constexpr, MAGIC_C: tl.constexpr, IEEE: tl.constexpr,
               DT: tl.constexpr, ASM: tl.constexpr):
     """Plane J's share of the scores of q [QR, W] (its channels J*W ..) over a tile of packed
     keys kp [BLOCK, W]: ``qs . (magic + code)`` [QR, BLOCK] with qs = q * s rounded to DT, and
     the terms [QR, W] whose row sums turn it into q . k: ``q * mid - (magic + c) * qs`` (s, mid:
     the tile's per-channel scale and middle value, c the middle code, ``quant``; the caller
-    sums the planes' terms first, then reduces once)."""
-    CENTER: tl.constexpr = ((1 << BITS) - 1) * 0.5
+    sums the planes' terms first, then reduces once); MAGIC_C = magic + c."""
     c = J * W + tl.arange(0, W)
     kscale = tl.load(KS + g_off + c).to(tl.float32)
     kmid = tl.load(KM + g_off + c).to(tl.float32)
     qs = (q * kscale[None, :]).to(DT)
     s = _dot(qs, tl.trans(_plane(kp, J, BITS, MAGIC_BITS, DT, ASM)), IEEE, DT)
-    z = q * kmid[None, :] - (MAGIC + CENTER) * qs.to(tl.float32)
+    z = q * kmid[None, :] - MAGIC_C * qs.to(tl.float32)
     return s, z
 
 
 @triton.jit
 def _pv_plane(p, pw, vp, VS, VM, t_off, live, J: tl.constexpr, W: tl.constexpr,
-              BITS: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
+              BITS: tl.constexpr, CENTER: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
               MAGIC_BITS: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
               ASM: tl.constexpr):
     """Plane J's share [QR, W] of p @ v over a tile of packed values vp [BLOCK, W].  One scale
     per token (VGROUP == D): ``pw @ (magic + code)`` with pw = p * scale (the caller adds the
-    per-row terms).  Smaller value groups: dequantize the plane, then ``p @ v``."""
+    per-row terms).  Smaller value groups: dequantize the plane (CENTER: the middle code), then
+    ``p @ v``."""
     if VGROUP == D:
         return _dot(pw, _plane(vp, J, BITS, MAGIC_BITS, DT, ASM), IEEE, DT)
     gi = (J * W + tl.arange(0, W)) // VGROUP
     vscale = tl.load(VS + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
     vmid = tl.load(VM + t_off[:, None] + gi[None, :], mask=live[:, None], other=0.0)
-    centred = _plane(vp, J, BITS, 0, tl.float32, "") - ((1 << BITS) - 1) * 0.5
+    centred = _plane(vp, J, BITS, 0, tl.float32, "") - CENTER
     v = centred * vscale.to(tl.float32) + vmid.to(tl.float32)
     return _dot(p, v, IEEE, DT)
 
@@ -169,8 +169,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
               QR: tl.constexpr, BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC_BITS: tl.constexpr,
-              MAGIC: tl.constexpr, STAGES: tl.constexpr, A0: tl.constexpr, A1: tl.constexpr,
-              A2: tl.constexpr, A3: tl.constexpr):
+              MAGIC: tl.constexpr, CENTER: tl.constexpr, STAGES: tl.constexpr,
+              A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr):
     """Partial softmax of one (sequence, KV head, chunk).  Quantized keys are never
     dequantized: with per-channel scale s and middle value z constant over a tile (tiles lie
     inside one key group) and c the middle code, q.k = (q * s).(code - c) + q.z; values with one
@@ -180,6 +180,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     in registers."""
     DT: tl.constexpr = Q.dtype.element_ty
     PER: tl.constexpr = 8 // BITS if BITS < 16 else 1
+    MAGIC_C: tl.constexpr = MAGIC + CENTER
     W: tl.constexpr = D // PER  # channels per plane = bytes per token when quantized
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -215,17 +216,17 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             s = _dot(q0, tl.trans(k_tile), IEEE, DT)
         else:
             g_off = b * s_ksb + hk * s_ksh + ((start + off) // GROUP) * s_ksg
-            s, z = _qk_plane(q0, k_tile, KS, KM, g_off, 0, W, BITS, MAGIC_BITS, MAGIC, IEEE, DT,
+            s, z = _qk_plane(q0, k_tile, KS, KM, g_off, 0, W, BITS, MAGIC_BITS, MAGIC_C, IEEE, DT,
                              A0)
             if PER > 1:
-                s1, z1 = _qk_plane(q1, k_tile, KS, KM, g_off, 1, W, BITS, MAGIC_BITS, MAGIC,
+                s1, z1 = _qk_plane(q1, k_tile, KS, KM, g_off, 1, W, BITS, MAGIC_BITS, MAGIC_C,
                                    IEEE, DT, A1)
                 s += s1
                 z += z1
             if PER > 2:
-                s2, z2 = _qk_plane(q2, k_tile, KS, KM, g_off, 2, W, BITS, MAGIC_BITS, MAGIC,
+                s2, z2 = _qk_plane(q2, k_tile, KS, KM, g_off, 2, W, BITS, MAGIC_BITS, MAGIC_C,
                                    IEEE, DT, A2)
-                s3, z3 = _qk_plane(q3, k_tile, KS, KM, g_off, 3, W, BITS, MAGIC_BITS, MAGIC,
+                s3, z3 = _qk_plane(q3, k_tile, KS, KM, g_off, 3, W, BITS, MAGIC_BITS, MAGIC_C,
                                    IEEE, DT, A3)
                 s += s2 + s3
                 z += z2 + z3
@@ -252,25 +253,24 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             pw = p
             row_v = tl.zeros([QR], tl.float32)
             if VGROUP == D:  # one scale and middle value per token
-                VCENTER: tl.constexpr = ((1 << BITS) - 1) * 0.5
                 vscale = tl.load(VS + t_off, mask=live, other=0.0).to(tl.float32)
                 vmid = tl.load(VM + t_off, mask=live, other=0.0).to(tl.float32)
                 pw = (p * vscale[None, :]).to(DT)
-                zv = p * vmid[None, :] - (MAGIC + VCENTER) * pw.to(tl.float32)
+                zv = p * vmid[None, :] - MAGIC_C * pw.to(tl.float32)
                 row_v = tl.sum(zv, axis=1)
             acc0 = acc0 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                p, pw, v_tile, VS, VM, t_off, live, 0, W, BITS, VGROUP, D, MAGIC_BITS, IEEE, DT,
-                A0)
+                p, pw, v_tile, VS, VM, t_off, live, 0, W, BITS, CENTER, VGROUP, D, MAGIC_BITS, IEEE,
+                DT, A0)
             if PER > 1:
                 acc1 = acc1 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                    p, pw, v_tile, VS, VM, t_off, live, 1, W, BITS, VGROUP, D, MAGIC_BITS,
+                    p, pw, v_tile, VS, VM, t_off, live, 1, W, BITS, CENTER, VGROUP, D, MAGIC_BITS,
                     IEEE, DT, A1)
             if PER > 2:
                 acc2 = acc2 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                    p, pw, v_tile, VS, VM, t_off, live, 2, W, BITS, VGROUP, D, MAGIC_BITS,
+                    p, pw, v_tile, VS, VM, t_off, live, 2, W, BITS, CENTER, VGROUP, D, MAGIC_BITS,
                     IEEE, DT, A2)
                 acc3 = acc3 * alpha[:, None] + row_v[:, None] + _pv_plane(
-                    p, pw, v_tile, VS, VM, t_off, live, 3, W, BITS, VGROUP, D, MAGIC_BITS,
+                    p, pw, v_tile, VS, VM, t_off, live, 3, W, BITS, CENTER, VGROUP, D, MAGIC_BITS,
                     IEEE, DT, A3)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -371,15 +371,13 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     tile_of = [_tile(s, q.dtype) for s in segs]
     tiles = sum(B * Hkv * _cdiv(s.slots, tile) for s, tile in zip(segs, tile_of))
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
-    gluon = [USE_GLUON and _gluon_decode() is not None and _gluon_decode().supported(s, q)
-             for s in segs]
+    gluon_decode = _gluon_decode() if USE_GLUON else None
+    gluon = [gluon_decode is not None and gluon_decode.supported(s, q) for s in segs]
     plans = []  # (chunk length, number of chunks, tile, launch options) per segment
     for seg, tile, on_gluon in zip(segs, tile_of, gluon):
         if on_gluon:  # chunks of whole key groups, GLUON_PROGRAMS_PER_SM programs per SM
-            groups = _cdiv(seg.slots, seg.group)
-            want = max(1, GLUON_PROGRAMS_PER_SM * sms // (B * Hkv))
-            per_chunk = _cdiv(groups, want)
-            plans.append((per_chunk * seg.group, _cdiv(groups, per_chunk), tile, {}))
+            plans.append((*_chunking(seg.slots, B * Hkv, GLUON_PROGRAMS_PER_SM * sms,
+                                     seg.group), tile, {}))
             continue
         per_sm, by_slots, options = _launch(seg.bits, q.dtype, large)
         share = per_sm * sms * seg.slots // max(total_slots, 1) if by_slots else per_sm * sms
@@ -393,8 +391,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     offset = 0
     for seg, (chunk, count, tile, options), on_gluon in zip(segs, plans, gluon):
         if on_gluon:
-            _gluon_decode().launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
-                                   n_chunks, GLUON_MAXNREG)
+            gluon_decode.launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
+                                n_chunks, GLUON_MAXNREG)
             offset += count
             continue
         quantized = seg.bits < 16
@@ -420,6 +418,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             BITS=seg.bits, GROUP=seg.group, VGROUP=seg.vgroup, D=D, QR=QROWS, BLOCK=tile,
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
+            CENTER=quant.middle_code(seg.bits) if quantized else 0.0,
             STAGES=NUM_STAGES, **options, **asm)
         offset += count
     out = q.new_empty(B, H, 1, D)

@@ -205,9 +205,15 @@ def decode_vs_reference(args, q):
                       device=q.device)
     mask[-1, ..., :100] = False
     out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *args)
-    fp32 = [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits, s.group, s.vgroup,
-                       torch.float32, s.base) for s in da.segments(*args)]
-    return out, da.reference(q.float(), fp32, mask, 128 ** -0.5)
+    return out, da.reference(q.float(), fp32_segments(da.segments(*args)), mask, 128 ** -0.5)
+
+
+def fp32_segments(segs) -> list:
+    """The same cache segments read back in fp32 (the reference's precision)."""
+    from zipvl_compile.runtime import decode_attention as da
+
+    return [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits, s.group, s.vgroup,
+                       torch.float32, s.base) for s in segs]
 
 
 def check_triton_decode(dtype, hb, lb, batch, group, heads, kv_heads):
@@ -270,16 +276,14 @@ def test_gluon_decode_over_long_chunks(dtype, hb, lb, monkeypatch):
     plan = kv_split.plan(n, kept, torch.full((B,), n // 2, device="cuda"), residual_length=128)
     split = kv_split.split_by_importance(k, v, plan, plan.counts.tolist(), high_bits=hb,
                                          low_bits=lb, group_size=128, vgroup=d)
-    segs = [da.Segment(*split.hi.tensors(), hb, 128, d, dtype),
-            da.Segment(*split.lo.tensors(), lb, 128, d, dtype),
-            da.Segment(split.res_k, None, None, split.res_v, None, None, None, 16, 128, d,
-                       dtype, base=n - split.res_k.shape[-2])]
+    segs = da.segments(*split.hi.tensors(), *split.lo.tensors(), split.res_k, split.res_v,
+                       None, hb, lb, 128, d, n)
     gluon = triton_decode._gluon_decode()
+    assert [s.bits for s in segs] == [hb, lb, 16]
     assert all(gluon.supported(s, q) for s in segs[:2])
     out = triton_decode.decode(q, segs, None, d ** -0.5)
-    fp32 = [da.Segment(s.kd, s.ks, s.km, s.vd, s.vs, s.vm, s.pos, s.bits, s.group, s.vgroup,
-                       torch.float32, s.base) for s in segs]
-    assert rel_err(out, da.reference(q.float(), fp32, None, d ** -0.5)) < DECODE_TOL[dtype]
+    ref = da.reference(q.float(), fp32_segments(segs), None, d ** -0.5)
+    assert rel_err(out, ref) < DECODE_TOL[dtype]
 
 
 @torch.no_grad()
