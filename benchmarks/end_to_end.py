@@ -171,7 +171,7 @@ def profile_steps(label, step, pos, wall_s, n=3):
     kernels = sum(e.count for e in gpu) / n
     print(f"--- profile {label}: wall {wall_s * 1e3:.2f} ms/step (median of the timed steps), "
           f"GPU busy {busy:.2f} ms/step, {kernels:.0f} kernels/step")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
 
 
 class _null:

@@ -71,7 +71,7 @@ def transformers_models():
             cache = zipvl_compile.ZipVLCache(high_bits=4, low_bits=2, group_size=16,
                                              residual_length=4)
             mixed = model.generate(**inputs, max_new_tokens=8, do_sample=False,
-                                   past_key_values=cache)
+                                   **zipvl_compile.helpers.cache_kwarg(model, cache))
         print(f"\n[ratio=0.5 + ZipVLCache 4/2] tokens {mixed[0, n:].tolist()}; cache holds "
               f"{cache.memory_bytes()} bytes; a 16-bit cache of the same tokens: "
               f"{cache.dense_bytes()} bytes (on a prompt this short the group padding and the "

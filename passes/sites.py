@@ -62,7 +62,9 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return node.name
     path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['self'\]\.?", "", path)
+    # the root is the compiled module: ``self``, or ``args[0]`` where the compiled forward is
+    # a ``*args`` wrapper (transformers >= 5.24 wraps forwards with ``deprecate_kwarg``)
+    path = re.sub(r"^L\['self'\]\.?|^L\['args'\]\[0\]\.?", "", path)
     path = re.sub(r"L\['(\w+)'\]", r"\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\._modules\['(\w+)'\]", r".\1", path)

@@ -350,3 +350,26 @@ def test_rewriting_keeps_in_place_writes_whose_result_is_unused():
     f(q, k, v, cache)
     assert only_site(be).sparse
     assert cache.tolist() == [1.0, 1.0 + k[0, 0, 0, 0].item(), 1.0, 1.0]
+
+
+def test_site_names_when_the_compiled_forward_is_a_star_args_wrapper():
+    """transformers >= 5.24 wraps model forwards in ``def wrapper(*args, **kwargs)``
+    (``deprecate_kwarg``); Dynamo then roots module paths at ``args[0]``, not ``self``.  Site
+    names stay the module paths (what stats() and the cache hand-over report)."""
+    import functools
+
+    def star_args(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    class Wrapped(ToyDecoder):
+        @star_args
+        def forward(self, ids, mask=None):
+            return super().forward(ids, mask)
+
+    model = Wrapped(layers=2).eval()
+    be = eager_backend()
+    torch.compile(model, backend=be, dynamic=False)(torch.randint(0, 64, (1, 48)))
+    assert sorted(d.name for d in be.decisions) == ["layers.0", "layers.1"]

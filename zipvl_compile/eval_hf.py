@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .helpers import cache_kwarg
+
 FIELDS = ("image", "question", "answer")
 
 
@@ -159,7 +161,8 @@ class CheckpointQuestions:
     def answer(self, chunk: list[Question], cache) -> tuple[int, list[str]]:
         inputs = self.inputs(chunk)
         tok = self.processor.tokenizer
-        out = self.model.generate(**inputs, past_key_values=cache, do_sample=False,
+        out = self.model.generate(**inputs, **cache_kwarg(self.model, cache),
+                                  do_sample=False,
                                   max_new_tokens=self.max_new_tokens,
                                   pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -76,3 +76,11 @@ def uncompile_language_model(model: torch.nn.Module) -> None:
     if model in _GENERATE_COMPILE_DISABLED:
         model.generation_config.disable_compile = None
         _GENERATE_COMPILE_DISABLED.discard(model)
+
+
+def cache_kwarg(model: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` with the keyword a transformers ``model`` (its ``forward`` and
+    ``generate``) takes its KV cache by: ``cache`` from transformers 5.24 on, ``past_key_values``
+    before (5.24 still accepts the old name, with a deprecation warning)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}

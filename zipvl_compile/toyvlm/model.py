@@ -111,12 +111,13 @@ class ToyVLM(nn.Module):
         Returns the answer logits [B, VOCAB]."""
         from transformers import DynamicCache
 
-        cache = DynamicCache() if cache is None else cache
-        self.language_model(inputs_embeds=self.embed(pixels, text[:, :3]), past_key_values=cache,
-                            use_cache=True)
-        step = self.language_model.embed_tokens(text[:, 3:4])
-        h = self.language_model(inputs_embeds=step, past_key_values=cache,
-                                use_cache=True).last_hidden_state
+        from ..helpers import cache_kwarg
+
+        lm = self.language_model
+        kw = cache_kwarg(lm, DynamicCache() if cache is None else cache)
+        lm(inputs_embeds=self.embed(pixels, text[:, :3]), use_cache=True, **kw)
+        step = lm.embed_tokens(text[:, 3:4])
+        h = lm(inputs_embeds=step, use_cache=True, **kw).last_hidden_state
         return self.lm_head(h[:, -1])
 
     def config_dict(self) -> dict:
