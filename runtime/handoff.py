@@ -2,7 +2,10 @@
 
 The cache marks each prompt it stores with ``zipvl::mark_prompt(k, v, token, layer)``, where
 ``token`` is a small tensor the cache owns (a graph input: no guard on which cache it is, so a
-new cache does not recompile).  The zipvl backend finds the mark whose K/V feed a sparse prefill
+new cache does not recompile).  At run time the op hands the cache a copy of the prompt K/V
+(``receiver.hold_prompt``), which the cache keeps only until the layer's prefill kernel hands
+over its selection: from then on the layer holds its quantized pools alone, so a prefill over
+a ``ZipVLCache`` never holds a full-precision copy of every layer's prompt.  The zipvl backend finds the mark whose K/V feed a sparse prefill
 site and passes the token, the layer index and those K/V to the site's kernel.  At run time the
 kernel looks the cache up by its token and calls ``receiver.plan`` (device work, before the
 kernel's host read of the budgets, so the pool sizes travel in the same read) and then
@@ -33,6 +36,8 @@ _receivers: "weakref.WeakValueDictionary[int, Receiver]" = weakref.WeakValueDict
 
 
 class Receiver(Protocol):
+    def hold_prompt(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+
     def plan(self, layer: int, keys: torch.Tensor, kept_idx: torch.Tensor,
              budget: torch.Tensor): ...
 
@@ -56,19 +61,25 @@ def receiver(token: torch.Tensor | None) -> Receiver | None:
 
 @torch.library.custom_op("zipvl::mark_prompt", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
 def mark_prompt(keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor,
-                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Names the cache (``token``) and ``layer`` that store these prompt K/V [B, Hkv, n, d].
-    Returns copies of them, which the cache stores (keeping the op in the graph).
+                layer: int) -> torch.Tensor:
+    """Names the cache (``token``) and ``layer`` that store these prompt K/V [B, Hkv, n, d],
+    and at run time hands that cache copies of them (``receiver.hold_prompt``).  The cache
+    drops its copy when the layer's prefill kernel hands over its selection (the pools are
+    built from the kernel's own K/V), else splits it uniformly at the layer's first decode
+    step.  Returns an empty tensor (the layer keeps it, so that the op stays in the graph).
 
     The copies are made outside CUDA graphs (this op is kept out of them): the cache holds the
     prompt past the graph's run, and memory of a CUDA graph's outputs is reused by its next
     run."""
-    return keys.clone(), values.clone()
+    found = receiver(token)
+    if found is not None:
+        found.hold_prompt(layer, keys.clone(), values.clone())
+    return token.new_empty(0)
 
 
 @mark_prompt.register_fake
 def _(keys, values, token, layer):
-    return torch.empty_like(keys), torch.empty_like(values)
+    return token.new_empty(0)
 
 
 MARK = (torch.ops.zipvl.mark_prompt, torch.ops.zipvl.mark_prompt.default)

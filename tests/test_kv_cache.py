@@ -210,3 +210,51 @@ def test_a_slower_decode_kernel_is_recorded_on_its_site_once(caplog):
     assert (rec.path, rec.kernel, rec.reason) == ("fused-decode", "chunked PyTorch",
                                                   "no Triton kernel: head dim 8")
     assert sum("chunked PyTorch" in m for m in caplog.messages) == 1
+
+
+def test_the_prompt_copy_is_held_only_until_a_selection_or_the_first_decode_step():
+    """``mark_prompt`` hands the cache an unquantized copy of the prompt; a hand-over replaces
+    it by the pools at once (a prefill never holds every layer's prompt in full precision),
+    and without one the first decode step splits it uniformly."""
+    n, d = 96, 16
+    k, v = torch.randn(2, 2, n + 1, d), torch.randn(2, 2, n + 1, d)
+    prompt_bytes = 2 * k[:, :, :n].numel() * 4
+    for handoff in (True, False):
+        cache = ZipVLCache(ZipVLConfig(**CFG))
+        cache.update(k[:, :, :n], v[:, :, :n], 0)
+        assert cache.memory_bytes() == prompt_bytes and cache.get_seq_length() == n
+        if handoff:
+            kept_idx, budget = kept_selection(n, [40, 20], torch.Generator().manual_seed(0))
+            plan = cache.plan(0, k[:, :, :n], kept_idx, budget)
+            cache.adopt(0, k[:, :, :n], v[:, :, :n], plan, plan.counts.tolist(), "layers.0")
+            assert not cache.prompts
+            assert cache.memory_bytes() == sum(t.untyped_storage().nbytes()
+                                               for t in cache.adopted[0].tensors())
+        cache.update(k[:, :, n:], v[:, :, n:], 0)
+        assert not cache.prompts and cache.memory_bytes() == _owned_bytes(cache)
+        assert cache.get_seq_length() == n + 1
+
+
+@torch.no_grad()
+def test_a_compiled_prefill_leaves_only_the_quantized_pools():
+    """Right after a zipvl prefill (before any decode step) the cache holds the layers' splits
+    and no full-precision copy of their prompts: less than a 16-bit cache of the same tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().bfloat16()
+    zipvl_compile.compile_language_model(model, inductor=False, ratio=0.5, recent_probes=8,
+                                         random_probes=8, keep_recent=4)
+    try:
+        cache = ZipVLCache(group_size=32, residual_length=32)
+        model(input_ids=torch.randint(0, 128, (1, 512)),
+              **zipvl_compile.helpers.cache_kwarg(model, cache))
+        assert sorted(cache.adopted) == [0, 1] and not cache.prompts
+        held = sum(t.untyped_storage().nbytes() for s in cache.adopted.values()
+                   for t in s.tensors())
+        assert cache.memory_bytes() == held < 0.5 * cache.dense_bytes()
+    finally:
+        zipvl_compile.uncompile_language_model(model)

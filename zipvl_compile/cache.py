@@ -2,15 +2,17 @@
 
 Lifecycle of one layer (storage in ``runtime/kv_pool.py``, splitting in ``runtime/kv_split.py``):
 
-1. **Prompt.**  The first update stores the prompt's K/V unquantized, as copied by
-   ``zipvl::mark_prompt``, which also marks them with this cache's token and the layer index.
+1. **Prompt.**  The first update marks the prompt's K/V with this cache's token and the layer
+   index (``zipvl::mark_prompt``), which at run time hands the cache an unquantized copy.
 2. **Split.**  Under the zipvl backend, the layer's sparse prefill kernel finds the cache by its
    token and hands over its selection at run time (``runtime/handoff.py``): the prompt is split
    into the high-bit pool (tokens the prefill kept), the low-bit pool (the others; evicted at
-   ``low_bits=0``) and the unquantized residual window (the last ``residual_length`` tokens).
+   ``low_bits=0``) and the unquantized residual window (the last ``residual_length`` tokens),
+   and the unquantized copy is dropped right there, so a prefill never holds a full-precision
+   copy of every layer's prompt (the peak memory a user measures is below ``DynamicCache``'s).
    The layer adopts that split at its next update.  Without a hand-over (eager model, another
-   backend, a dense fallback) that update splits uniformly: every prompt token outside the
-   residual window at ``high_bits``.  Neither path breaks the graph.
+   backend, a dense fallback) that update splits the copy uniformly: every prompt token outside
+   the residual window at ``high_bits``.  Neither path breaks the graph.
 3. **Decode.**  New tokens enter the residual window; whenever it reaches
    ``residual_length + group_size`` tokens, its oldest ``group_size`` are quantized into the
    high-bit pool.  ``update`` returns ``zipvl::cache_kv(...)``: position-ordered dequantized K/V
@@ -87,14 +89,15 @@ class ZipVLLayer(CacheLayerMixin):
                 f"ZipVLCache layer {self.layer_idx}: the fixed buffers of its first decode step "
                 "were never installed (zipvl::make_static did not run, e.g. because its graph "
                 "was replayed from a CUDA graph); decoding on would read an empty cache")
-        if not self.split and self.keys is None and not self.moving and self.static is None:
-            # the prompt
+        if self.span is None and not self.moving and self.static is None:  # the prompt
+            n = key_states.shape[-2]
             limit = self.owner.capacity
-            if limit is not None and key_states.shape[-2] >= limit:
+            if limit is not None and n >= limit:
                 raise ValueError(f"max_cache_len={limit} leaves no room to decode after a "
-                                 f"prompt of {key_states.shape[-2]} tokens")
-            self.keys, self.values = handoff.mark_prompt(key_states, value_states,
-                                                         self.owner.token, self.layer_idx)
+                                 f"prompt of {n} tokens")
+            self.mark = handoff.mark_prompt(key_states, value_states, self.owner.token,
+                                            self.layer_idx)
+            self.span = key_states.new_empty(0, n)
             return key_states, value_states
         return torch.ops.zipvl.cache_kv(*self.append(key_states, value_states))
 
@@ -110,7 +113,7 @@ class ZipVLLayer(CacheLayerMixin):
         if not self.split and self.owner.capacity is not None:
             return self._first_static_step(key_states, value_states)
         if not self.split:
-            self._split_prompt()
+            self.install(self._take_split(key_states))
         self.res_k = torch.cat([self.res_k, key_states], dim=-2)
         self.res_v = torch.cat([self.res_v, value_states], dim=-2)
         self.span = torch.cat([self.span, self.span.new_empty(0, key_states.shape[-2])], dim=-1)
@@ -122,22 +125,19 @@ class ZipVLLayer(CacheLayerMixin):
         """Split the prompt and have ``zipvl::make_static`` move it and the new token into the
         layer's fixed buffers at run time.  Returns this step's kernel args (over the split,
         which only lives in this step: nothing of it is kept on the layer)."""
-        split = self._take_split()
+        split = self._take_split(key_states)
         args = self._segment_args(split.hi, split.lo,
                                   torch.cat([split.res_k, key_states], dim=-2),
                                   torch.cat([split.res_v, value_states], dim=-2), None,
                                   split.span.shape[-1] + key_states.shape[-2], split.evicted)
         self.mark = kv_static.make_static(self.owner.token, self.layer_idx, *args)
-        self.keys = self.values = None
         self.moving = True
         return args
 
     def get_seq_length(self) -> int:
         if self.static is not None:  # a device tensor, as transformers' StaticLayer returns
             return self.static.length[0]
-        if self.split:
-            return self.span.shape[-1]
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self.span is None else self.span.shape[-1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.static is not None:
@@ -148,11 +148,12 @@ class ZipVLLayer(CacheLayerMixin):
         return -1 if self.owner.capacity is None else self.owner.capacity
 
     def reset(self) -> None:
-        self.keys = self.values = self.mark = None
+        self.mark = None
         self.hi = self.lo = self.res_k = self.res_v = self.span = None
         self.split = self.evicted = self.moving = False
         self.static = None
         self.owner.adopted.pop(self.layer_idx, None)
+        self.owner.prompts.pop(self.layer_idx, None)
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError(
@@ -186,27 +187,29 @@ class ZipVLLayer(CacheLayerMixin):
         return (*hi.tensors(), *lo_tensors, res_k, res_v, res_pos, c.high_bits,
                 c.low_bits if lo is not None else 0, c.group_size, self.vgroup, length, evicted)
 
-    def _split_prompt(self) -> None:
-        """Adopt the split the prefill handed over, or split uniformly (see module docstring)."""
-        self.install(self._take_split())
-
-    def _take_split(self) -> kv_split.Split:
-        """The split the prefill handed over, or a uniform one (reported to ``stats()``)."""
+    def _take_split(self, key_states) -> kv_split.Split:
+        """The split the prefill handed over, or a uniform one of the prompt copy the cache
+        holds (reported to ``stats()``); ``key_states``: this step's, [B, Hkv, 1, d]."""
         c = self.config
         split = self.owner.adopted.pop(self.layer_idx, None)
-        if split is None or split.res_k.shape[:2] != self.keys.shape[:2]:
-            split = kv_split.split_uniform(self.keys, self.values, high_bits=c.high_bits,
+        held = self.owner.prompts.pop(self.layer_idx, None)
+        if split is None or split.res_k.shape[:2] != key_states.shape[:2]:
+            if held is None:
+                raise RuntimeError(
+                    f"ZipVLCache layer {self.layer_idx}: neither a prefill selection nor the "
+                    "prompt reached the cache (zipvl::mark_prompt did not run)")
+            keys, values = held
+            split = kv_split.split_uniform(keys, values, high_bits=c.high_bits,
                                            residual_length=c.residual_length,
                                            group_size=c.group_size, vgroup=self.vgroup)
             self.mark = handoff.note_uniform_split(self.owner.token, self.layer_idx,
-                                                   self.keys.shape[-2])
+                                                   keys.shape[-2])
         return split
 
     def install(self, split: kv_split.Split) -> None:
-        """Make ``split`` this layer's storage (drops the unsplit prompt)."""
+        """Make ``split`` this layer's storage."""
         self.hi, self.lo, self.evicted = split.hi, split.lo, split.evicted
         self.res_k, self.res_v, self.span = split.res_k, split.res_v, split.span
-        self.keys = self.values = None
         self.split = True
 
     def _flush_group(self) -> None:
@@ -221,7 +224,7 @@ class ZipVLLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every device tensor this layer holds."""
-        out = [self.keys, self.values, self.res_k, self.res_v]
+        out = [self.res_k, self.res_v, *self.owner.prompts.get(self.layer_idx, ())]
         for pool in (self.hi, self.lo):
             if pool is not None:
                 out += list(pool.tensors())
@@ -251,6 +254,8 @@ class ZipVLCache(Cache):
         super().__init__(layers=[])
         self.token = torch.zeros(1)  # names this cache to the prefill kernels (handoff)
         self.adopted: dict[int, kv_split.Split] = {}  # splits handed over, not yet adopted
+        # prompt copies (mark_prompt), until a selection is handed over or a decode step splits
+        self.prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._stats_uids: dict[int, int] = {}
         handoff.register(self.token, self)
 
@@ -260,6 +265,10 @@ class ZipVLCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
     # ---- handoff.Receiver: called by the sparse prefill kernels at run time ----
+
+    def hold_prompt(self, layer: int, keys, values) -> None:
+        """``zipvl::mark_prompt`` at run time: the prompt copy of ``layer``."""
+        self.prompts[layer] = (keys, values)
 
     def install_static(self, layer: int, hi, lo, res_k, res_v, length: int,
                        evicted: bool) -> None:
@@ -278,6 +287,7 @@ class ZipVLCache(Cache):
                                              low_bits=c.low_bits, group_size=c.group_size,
                                              vgroup=vgroup)
         self.adopted[layer] = split
+        self.prompts.pop(layer, None)  # the pools replace the unquantized copy
         r = split.res_k.shape[-2]
         low = "evicted" if c.low_bits == 0 else f"{c.low_bits}-bit"
         self._report(layer, keys.shape[-2], [h + r for h in split.hi_counts],
@@ -314,7 +324,7 @@ class ZipVLCache(Cache):
 
     def memory_bytes(self) -> int:
         """Bytes of device storage this cache holds (packed codes, scales, middle values, slot
-        positions, residual window, unsplit prompt), counting each storage once."""
+        positions, residual window, prompt copies not yet split), counting each storage once."""
         seen, total = set(), 0
         tensors = [t for layer in self.layers for t in layer.tensors()]
         tensors += [t for split in self.adopted.values() for t in split.tensors()]
@@ -329,9 +339,13 @@ class ZipVLCache(Cache):
         """Bytes a 16-bit (bf16/fp16) cache of the same tokens would hold."""
         total = 0
         for layer in self.layers:
-            ref = layer.res_k if layer.split else layer.keys
+            ref = layer.res_k if layer.split else None
             if layer.static is not None:
                 ref = layer.static.ring_k
+            elif not layer.split and layer.layer_idx in self.adopted:
+                ref = self.adopted[layer.layer_idx].res_k
+            elif not layer.split and layer.layer_idx in self.prompts:
+                ref = self.prompts[layer.layer_idx][0]
             if ref is not None:
                 B, Hkv, _, d = ref.shape
                 total += B * Hkv * int(layer.get_seq_length()) * 2 * d * 2
