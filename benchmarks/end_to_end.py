@@ -10,8 +10,11 @@ every table says so.
 
 TTFT: one prefill forward (``logits_to_keep=1``) of dense eager (transformers' SDPA default),
 dense eager with cuDNN SDPA forced, dense compiled with Inductor, and ZipVL (zipvl backend) at
-kept ratio 0.45 and 0.3; median of ``--reps`` runs after a warm-up (compilation) run; peak GPU
-memory of the timed runs.
+kept ratio 0.45 and 0.3, each into a bf16 ``DynamicCache``, and ZipVL at 0.45 into a
+``ZipVLCache`` (4/2: the prefill hands its selection to the cache, which keeps only the
+quantized pools); median of ``--reps`` runs after a warm-up (compilation) run; peak GPU memory
+of the timed runs (``torch.cuda.max_memory_allocated``) and the bytes the cache holds after the
+prefill.
 
 Decode: the cache is built directly (random K/V of the context length, a random half of the
 prompt important for ZipVLCache), then greedy decode steps of the compiled language model
@@ -83,12 +86,14 @@ def timed(fn, reps):
 
 
 TTFT_VARIANTS = [
-    # (name, how, settings): how = "eager" / "cudnn" / "inductor" / "zipvl"
+    # (name, how, settings): how = "eager" / "cudnn" / "inductor" / "zipvl"; the prefill fills
+    # a bf16 DynamicCache unless the name ends in "ZipVLCache 4/2"
     ("dense eager (transformers SDPA default)", "eager", {}),
     ("dense eager (cuDNN SDPA)", "cudnn", {}),
     ("dense compiled (Inductor)", "inductor", {}),
     ("zipvl ratio 0.45", "zipvl", dict(ratio=0.45)),
     ("zipvl ratio 0.30", "zipvl", dict(ratio=0.30)),
+    ("zipvl ratio 0.45 + ZipVLCache 4/2", "zipvl", dict(ratio=0.45)),
 ]
 # The paper's Table E: cumulative cost as each stage is added.  The scoring rows run the
 # adaptive budget (tau, which sorts) and then exact dense attention (``stop_after``); the last
@@ -116,24 +121,31 @@ def ttft(shape, contexts, reps, variants, skip=(), profile=False):
         compiled = torch.compile(lm) if how == "inductor" else None
         if how == "zipvl":
             zipvl_compile.compile_language_model(model, **settings)
+        make_cache = (lambda: ZipVLCache(high_bits=4, low_bits=2)) if name.endswith(
+            "ZipVLCache 4/2") else DynamicCache
         for n in contexts:
             ids = torch.randint(0, 1000, (1, n), device="cuda")
+            held = {}
 
             def run():
                 ctx = sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if how == "cudnn" else _null()
+                cache = make_cache()
                 with ctx, torch.no_grad():
                     if compiled is not None:
-                        out = compiled(input_ids=ids, past_key_values=DynamicCache())
-                        return model.lm_head(out.last_hidden_state[:, -1:])
-                    return model(input_ids=ids, past_key_values=DynamicCache(),
-                                 logits_to_keep=1).logits
+                        out = compiled(input_ids=ids, past_key_values=cache)
+                        out = model.lm_head(out.last_hidden_state[:, -1:])
+                    else:
+                        out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
+                held["bytes"] = cache_bytes(cache)
+                return out
             try:
                 zipvl_compile.reset_stats()
                 t, peak = timed(run, reps)
                 paths = sorted({f"{r.path}: {r.reason}" if r.reason else r.path
                                 for r in zipvl_compile.stats() if r.phase == "prefill"})
                 rows.append(dict(shape=shape, context=n, variant=name, ttft_s=t,
-                                 peak_gib=peak / 2**30, sites=paths))
+                                 peak_gib=peak / 2**30, cache_gib=held["bytes"] / 2**30,
+                                 sites=paths))
                 if profile and how == "zipvl" and n == max(contexts):
                     print(f"--- profile: {name} at {n} tokens")
                     print(profile_table(run))
@@ -144,6 +156,14 @@ def ttft(shape, contexts, reps, variants, skip=(), profile=False):
         if how == "zipvl":
             zipvl_compile.helpers.uncompile_language_model(model)
     return rows
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of device storage a cache holds (DynamicCache: its K/V tensors)."""
+    if isinstance(cache, ZipVLCache):
+        return cache.memory_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values) if t is not None)
 
 
 def profile_table(run, top=30):
@@ -274,11 +294,10 @@ def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False, pr
                     label = name.replace("DynamicCache", "StaticCache") if cuda_graphs else name
                     if name.startswith("Dynamic"):
                         cache = dense_cache(cfg, B, n, gen, max_len)
-                        cache_bytes = sum(l.keys.numel() * 2 * 2 for l in cache.layers)
                     else:
                         hb, lb = map(int, name.split()[1].split("/"))
                         cache = zipvl_cache(cfg, B, n, gen, hb, lb, max_len)
-                        cache_bytes = cache.memory_bytes()
+                    held = cache_bytes(cache)
                     ids = torch.randint(0, 1000, (B, 1), device="cuda")
 
                     def step(pos):
@@ -315,7 +334,7 @@ def decode(shape, contexts, batches, steps, caches=CACHES, cuda_graphs=False, pr
                     rows.append(dict(shape=shape, batch=B, context=n, cache=label,
                                      cuda_graphs=cuda_graphs, tokens_per_s=B / dt,
                                      ms_per_step=1e3 * dt,
-                                     cache_gib=cache_bytes / 2**30,
+                                     cache_gib=held / 2**30,
                                      peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                                      compiled_graphs=compiled_graphs(),
                                      compiles_while_timed=compiled_graphs() - graphs_before,
@@ -395,10 +414,11 @@ def main():
                          "failed" if r["ttft_s"] is None else f"{r['ttft_s']:.3f}",
                          vs(r, lambda b, t: f"{b / t:.2f}x"),
                          vs(r, lambda b, t: f"{100 * (t - b) / b:+.1f}%"),
-                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
+                         "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+                         "-" if r.get("cache_gib") is None else f"{r['cache_gib']:.2f}"]
                         for r in rows],
                        headers=["context", "prefill", "TTFT s", "speedup", "time vs default",
-                                "peak GiB"]))
+                                "peak GiB", "cache GiB"]))
     else:
         rows = decode(args.shape, args.contexts, args.batches, args.steps, args.caches,
                       args.cuda_graphs, args.profile)
