@@ -5,15 +5,16 @@ The cache marks each prompt it stores with ``zipvl::mark_prompt(k, v, token, lay
 new cache does not recompile).  At run time the op hands the cache a copy of the prompt K/V
 (``receiver.hold_prompt``), which the cache keeps only until the layer's prefill kernel hands
 over its selection: from then on the layer holds its quantized pools alone, so a prefill over
-a ``ZipVLCache`` never holds a full-precision copy of every layer's prompt.  The zipvl backend finds the mark whose K/V feed a sparse prefill
-site and passes the token, the layer index and those K/V to the site's kernel.  At run time the
-kernel looks the cache up by its token and calls ``receiver.plan`` (device work, before the
-kernel's host read of the budgets, so the pool sizes travel in the same read) and then
-``receiver.adopt``: the layer's pools are built right there, from the selection the kernel just
-made.  No graph break; the host-read kernel adds no host sync of its own.  The graph-capturable
-kernel has no host read of its own: ``zipvl::deliver_selection`` reads the pool sizes (one sync
-per layer) and builds the pools, an op kept out of CUDA graphs (pools allocated during a CUDA
-graph tree's warm-up would sit in its private memory pool, and a replay would skip the op).
+a ``ZipVLCache`` never holds a full-precision copy of every layer's prompt.  The zipvl backend
+finds the mark whose K/V feed a sparse prefill site and passes the token, the layer index and
+those K/V to the site's kernel.  At run time the kernel looks the cache up by its token and
+calls ``receiver.plan`` (device work, before the kernel's host read of the budgets, so the
+pool sizes travel in the same read) and then ``receiver.adopt``: the layer's pools are built
+right there, from the selection the kernel just made.  No graph break; the host-read kernel
+adds no host sync of its own.  The graph-capturable kernel has no host read of its own:
+``zipvl::deliver_selection`` reads the pool sizes (one sync per layer) and builds the pools,
+an op kept out of CUDA graphs (pools allocated during a CUDA graph tree's warm-up would sit in
+its private memory pool, and a replay would skip the op).
 
 A prompt not run through a zipvl sparse prefill (eager model, other backend, dense fallback)
 is never delivered: the cache then stores every prompt token at ``high_bits``.

@@ -339,13 +339,16 @@ class ZipVLCache(Cache):
         """Bytes a 16-bit (bf16/fp16) cache of the same tokens would hold."""
         total = 0
         for layer in self.layers:
-            ref = layer.res_k if layer.split else None
+            i = layer.layer_idx
+            ref = None  # a tensor [B, Hkv, ., d] of the layer
             if layer.static is not None:
                 ref = layer.static.ring_k
-            elif not layer.split and layer.layer_idx in self.adopted:
-                ref = self.adopted[layer.layer_idx].res_k
-            elif not layer.split and layer.layer_idx in self.prompts:
-                ref = self.prompts[layer.layer_idx][0]
+            elif layer.split:
+                ref = layer.res_k
+            elif i in self.adopted:
+                ref = self.adopted[i].res_k
+            elif i in self.prompts:
+                ref = self.prompts[i][0]
             if ref is not None:
                 B, Hkv, _, d = ref.shape
                 total += B * Hkv * int(layer.get_seq_length()) * 2 * d * 2
