@@ -258,3 +258,14 @@ def test_a_compiled_prefill_leaves_only_the_quantized_pools():
         assert cache.memory_bytes() == held < 0.5 * cache.dense_bytes()
     finally:
         zipvl_compile.uncompile_language_model(model)
+
+
+def test_a_layer_whose_prompt_never_reached_the_cache_refuses_to_decode():
+    """Neither a hand-over nor a prompt copy (mark_prompt did not run at run time): the first
+    decode step raises instead of splitting nothing."""
+    cache = ZipVLCache(ZipVLConfig(**CFG))
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    cache.update(k, v, 0)
+    cache.prompts.clear()
+    with pytest.raises(RuntimeError, match="neither a prefill selection nor the prompt"):
+        cache.update(k[:, :, :1], v[:, :, :1], 0)
