@@ -156,13 +156,17 @@ def test_split_follows_the_handed_over_selection():
     assert "importance of layers.0.self_attn" in row.reason
 
 
+def _storage_bytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
 def _owned_bytes(cache):
     layer = cache.layers[0]
     tensors = [layer.res_k, layer.res_v]
     for pool in (layer.hi, layer.lo):
         if pool is not None:
             tensors += [t for t in pool.tensors() if t is not None]
-    return sum(t.untyped_storage().nbytes() for t in tensors)
+    return _storage_bytes(tensors)
 
 
 @pytest.mark.parametrize("lb,bound", [(2, 0.22), (0, 0.15)])
@@ -228,8 +232,7 @@ def test_the_prompt_copy_is_held_only_until_a_selection_or_the_first_decode_step
             plan = cache.plan(0, k[:, :, :n], kept_idx, budget)
             cache.adopt(0, k[:, :, :n], v[:, :, :n], plan, plan.counts.tolist(), "layers.0")
             assert not cache.prompts
-            assert cache.memory_bytes() == sum(t.untyped_storage().nbytes()
-                                               for t in cache.adopted[0].tensors())
+            assert cache.memory_bytes() == _storage_bytes(cache.adopted[0].tensors())
         cache.update(k[:, :, n:], v[:, :, n:], 0)
         assert not cache.prompts and cache.memory_bytes() == _owned_bytes(cache)
         assert cache.get_seq_length() == n + 1
@@ -253,8 +256,7 @@ def test_a_compiled_prefill_leaves_only_the_quantized_pools():
         model(input_ids=torch.randint(0, 128, (1, 512)),
               **zipvl_compile.helpers.cache_kwarg(model, cache))
         assert sorted(cache.adopted) == [0, 1] and not cache.prompts
-        held = sum(t.untyped_storage().nbytes() for s in cache.adopted.values()
-                   for t in s.tensors())
+        held = _storage_bytes(t for s in cache.adopted.values() for t in s.tensors())
         assert cache.memory_bytes() == held < 0.5 * cache.dense_bytes()
     finally:
         zipvl_compile.uncompile_language_model(model)
