@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 # A persistent Inductor cache outside the checkout: cold compiles on 2 cores are 3-4x slower.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
@@ -11,6 +13,15 @@ import torch
 import zipvl_compile
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def planted_qkv(B=2, H=4, Hkv=2, n=200, d=16, important=None, strength=4.0, seed=0,

@@ -1,17 +1,11 @@
 """benchmarks/plot_end_to_end.py: the issue-4 plot from recorded benchmark JSON (CPU)."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("plot_end_to_end",
-                                                  ROOT / "benchmarks" / "plot_end_to_end.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("plot_end_to_end")
 
 
 def test_series_keep_measured_rows_only():

@@ -1,19 +1,12 @@
 """benchmarks/toyvlm_row_sparsity.py: top-p attention against a per-row brute force (CPU)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("toyvlm_row_sparsity",
-                                                  ROOT / "benchmarks" / "toyvlm_row_sparsity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("toyvlm_row_sparsity")
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9])
