@@ -98,7 +98,6 @@ def main():
                     reads = w > 0
                     per_row.append(reads.sum(-1).float())             # [B, H, n]
                     union.append(reads.any(dim=(1, 2)).float().mean(-1))
-                attention.weights = []
             per_row, union = torch.cat(per_row), torch.cat(union)
             row += [f"{100 * hits / args.n:.1f}", f"{per_row[..., image_rows].mean():.1f}",
                     f"{per_row[..., question_rows].mean():.1f}", f"{union.mean():.2f}"]
