@@ -47,7 +47,7 @@ def top_p_attention(q, k, v, scaling, top_p):
 
 class RowSparsity:
     """An attention function: ``top_p_attention`` from layer ``first_layer`` on (plain causal
-    attention before); ``weights`` holds (layer, probs) of the last forward."""
+    attention before); ``weights`` holds the probs [B, H, n, n] of those layers, in order."""
 
     def __init__(self, first_layer: int = 1):
         self.first_layer, self.top_p, self.weights = first_layer, None, []
@@ -58,7 +58,7 @@ class RowSparsity:
         top_p = self.top_p if module.layer_idx >= self.first_layer else None
         out, probs = top_p_attention(q, k, v, scaling, top_p)
         if module.layer_idx >= self.first_layer:
-            self.weights.append((module.layer_idx, probs))
+            self.weights.append(probs)
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -94,7 +94,7 @@ def main():
                 with torch.no_grad():
                     logits = model(b.pixels[i:i + args.batch], b.text[i:i + args.batch])[:, 1]
                 hits += (logits.argmax(-1) == b.answer[i:i + args.batch]).sum().item()
-                for _, w in attention.weights:                         # [B, H, n, n]
+                for w in attention.weights:                            # [B, H, n, n]
                     reads = w > 0
                     per_row.append(reads.sum(-1).float())             # [B, H, n]
                     union.append(reads.any(dim=(1, 2)).float().mean(-1))

@@ -4,12 +4,9 @@ import json
 from conftest import load_benchmark
 
 
-def load():
-    return load_benchmark("plot_end_to_end")
-
 
 def test_series_keep_measured_rows_only():
-    mod = load()
+    mod = load_benchmark("plot_end_to_end")
     rows = [dict(context=131072, cache="bf16", tokens_per_s=None),
             dict(context=32768, cache="bf16", tokens_per_s=50.0),
             dict(context=131072, cache="4/2", tokens_per_s=80.0),
@@ -28,5 +25,6 @@ def test_plot_from_recorded_results(tmp_path):
         dict(batch=b, context=c, cache=k, tokens_per_s=s) for b, c, k, s in
         [(1, 32768, "bf16", 57.0), (1, 131072, "bf16", None), (8, 32768, "4/2", 580.0)]])))
     out = tmp_path / "e2e.png"
-    load().main(["--ttft", str(ttft), "--decode", str(decode), "--out", str(out)])
+    load_benchmark("plot_end_to_end").main(["--ttft", str(ttft), "--decode", str(decode),
+                                             "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

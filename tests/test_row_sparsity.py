@@ -5,13 +5,10 @@ import torch
 from conftest import load_benchmark
 
 
-def load():
-    return load_benchmark("toyvlm_row_sparsity")
-
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9])
 def test_top_p_attention_reads_the_smallest_mass_set_of_each_row(top_p):
-    mod = load()
+    mod = load_benchmark("toyvlm_row_sparsity")
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, n, d = 2, 4, 2, 9, 8
     q = torch.randn(B, H, n, d, generator=g)
