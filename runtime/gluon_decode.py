@@ -2,28 +2,32 @@
 
 Same job and outputs as ``triton_decode._partials`` (a partial softmax per (sequence, KV head,
 chunk of slots), merged by ``triton_decode._merge``), written in Gluon so that the register
-layouts are ours instead of the compiler's: the packed codes go from global memory straight
-into the registers where the tensor-core instruction (``mma.sync m16n8k16``) wants them, with
-no trip through shared memory and no shuffles.  One warp per program; a program streams its
-chunk in tiles of ``BN`` slots and loads the next tile's code words while it computes this one.
+layouts are ours instead of the compiler's: the packed codes go from memory straight into the
+registers where the tensor-core instruction (``mma.sync m16n8k16``) wants them, with no
+shuffles.  One warp per program; a program streams its chunk in tiles of ``BN`` slots through
+a ring of ``STAGES`` tiles in shared memory, filled by async copies (``cp.async``) ``STAGES - 1``
+tiles ahead of the tile it computes (``_issue``).  Loads into registers one tile ahead were
+moved by ptxas next to their use, so every tile waited on memory (profiled on an H200:
+BENCHMARKS.md, issue 3, session 13); a copy into shared memory cannot be moved past its wait.
 
 How, without changing the cache format (``quant``: planes, byte ``p`` of a token holds channels
 ``p + j * W`` of plane ``j``):
 
-- codes are loaded as 32-bit words and turned into 16-bit floats two words at a time
+- codes are read as 32-bit words and turned into 16-bit floats two words at a time
   (``pairs_asm``): each output register holds the same byte of both words, so the pair an MMA
   operand register holds is chosen by which two words meet.
 - scores are computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: keys are the A operand
-  (slots fill the MMA's 16 rows, up to 8 query heads its 8 columns).  A thread loads 16
+  (slots fill the MMA's 16 rows, up to 8 query heads its 8 columns).  A thread reads 16
   contiguous bytes of one slot (8 at W = 32); the operand layout holds them once the channels
   of a plane are *relabelled* (``_key_operand``): the contraction runs over labels, and the
   queries, scales and middles are read in the same label order.  A sum over channels does not
   care about their order.
 - ``P^T`` is the score tile after one ``movmatrix`` (8 x 8 transpose across the warp) per
   register (``_transposed_probabilities``).
-- values are the A operand of ``O^T = V^T P^T`` [W channels, HEADS] per plane: a thread loads
+- values are the A operand of ``O^T = V^T P^T`` [W channels, HEADS] per plane: a thread reads
   the same word of two slots (the pairs of the operand are slot pairs), channels relabelled by
-  ``_value_operand``; the output is stored back by channel.
+  ``_value_operand``; the output is stored back by channel.  A stage of value words is laid
+  out in shared memory so that this read has no bank conflicts (``layouts``: ``VSMEM``).
 
 Every relabelling is a reshape and permute of a tile that moves no data (checked at compile
 time: ``convert_layout(..., assert_trivial=True)``).  Each tile's ``p @ v`` starts from zero in
@@ -32,7 +36,8 @@ the tensor cores and is added to fp32 accumulators (see the comment in ``_partia
 Shapes and formats as in ``triton_decode``; here (``supported``): codes of 2 or 4 bits with
 ``W = d * bits / 8`` in (32, 64) bytes per token stored contiguously, one value scale per token
 (``vgroup == d``), key groups a multiple of ``TILE`` slots, 16-bit queries, at most 8 query
-heads per KV head.
+heads per KV head, and fp16 scales and middles that can be copied as int32 pairs (contiguous
+over a key group's channels and over slots, at even offsets).
 """
 from __future__ import annotations
 
@@ -41,11 +46,12 @@ import functools
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from . import quant
 
 TILE = 32                  # slots per tile (the kernel's BN; 64 spills registers)
+STAGES = 4                 # tiles in flight per program (the ring of async copies)
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
 LOG2E = 1.4426950408889634
@@ -58,7 +64,12 @@ def supported(seg, q: torch.Tensor) -> bool:
             and seg.group % TILE == 0 and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[1] // seg.kd.shape[1] <= HEADS.value and torch.version.hip is None
             and seg.kd.stride(-2) == seg.vd.stride(-2) == d * seg.bits // 8
-            and seg.kd.stride(-1) == seg.vd.stride(-1) == 1 and seg.pos is not None)
+            and seg.kd.stride(-1) == seg.vd.stride(-1) == 1 and seg.pos is not None
+            and seg.ks.stride(-1) == seg.km.stride(-1) == 1 and seg.slots % 2 == 0
+            and all(t.stride(-2) == 1 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
+                    and t.storage_offset() % 2 == 0 for t in (seg.vs, seg.vm))
+            and all(t.stride(i) % 2 == 0 and t.storage_offset() % 2 == 0
+                    for t in (seg.ks, seg.km) for i in range(3)))
 
 
 def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
@@ -69,17 +80,21 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
     Hkv = seg.kd.shape[1]
     W = D * seg.bits // 8
     kw, vw = seg.kd.view(torch.int32), seg.vd.view(torch.int32)   # 4 code bytes per word
+    # fp16 scales and middles copied as int32 pairs (two channels of a key group, two slots)
+    ks, km = seg.ks.view(torch.int32), seg.km.view(torch.int32)
+    vs, vm = (t.squeeze(-1).view(torch.int32) for t in (seg.vs, seg.vm))
     dummy = q.new_empty(1)
     _partials[(B * Hkv, count)](
-        q, kw, seg.ks, seg.km, vw, seg.vs, seg.vm, seg.pos,
+        q, kw, ks, km, vw, vs, vm, seg.pos,
         bias if bias is not None else dummy, m, den, acc, seg.slots, Hkv, H // Hkv, chunk,
         offset, n_chunks, scale * LOG2E, q.stride(0), q.stride(1), *kw.stride()[:2],
-        *seg.ks.stride()[:3], *vw.stride()[:2], *seg.vs.stride()[:3], seg.pos.stride(0),
+        *ks.stride()[:3], *vw.stride()[:2], *vs.stride()[:2], seg.pos.stride(0),
         bias.stride(0) if bias is not None else 0,
         BITS=seg.bits, GROUP=seg.group, D=D, W=W, HAS_BIAS=bias is not None,
         MAGIC_C=quant.float_magic(q.dtype, seg.bits)[1] + quant.middle_code(seg.bits),
         ASM=pairs_asm(seg.bits, q.dtype),
-        BN=TILE, **layouts(W, TILE), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+        BN=TILE, NS=STAGES, **layouts(W, TILE), num_warps=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,8 +131,24 @@ def layouts(W: int, BN: int) -> dict:
         warp_bases=[], block_bases=[], shape=[W])
     operand_a = gl.DotOperandLayout(0, mma, 2)
     operand_b = gl.DotOperandLayout(1, mma, 2)
+    lanes = gl.BlockedLayout([1], [32], [1], [0])   # small rows: one element per lane
+    # a stage of value words in shared memory, (slot, word) per offset bit: the bits a VALUE
+    # read spreads over lanes (words 1, 2, 4, slots 2, 4) are the bank bits, so that read is
+    # free of bank conflicts; the words a copy moves at once (16 or 8 bytes) stay contiguous
+    v_smem = gl.SharedLinearLayout(
+        offset_bases=[[0, 1], [0, 2], [0, 4], [2, 0], [4, 0]] + [[0, b] for b in wb[3:]]
+        + [[1, 0]] + slots_hi)
+    # the copy into it: a thread moves 4 (W = 64) or 2 (W = 32) contiguous words; the lanes
+    # of one store phase (8 or 16 lanes) cover the bank bits
+    vector = [[0, b] for b in wb[:-2]]
+    v_copy = gl.DistributedLinearLayout(
+        reg_bases=vector + slots_hi,
+        lane_bases=([[0, 4], [2, 0], [4, 0], [1, 0], [0, 8]] if words == 16
+                    else [[0, 2], [0, 4], [2, 0], [4, 0], [1, 0]]),
+        warp_bases=[], block_bases=[], shape=[BN, words])
     return dict(MMA=mma, KEY=key, VALUE=value, QL=queries, GL=group, QB=operand_b,
-                KA=operand_a, VA=operand_a, PB=operand_b)
+                KA=operand_a, VA=operand_a, PB=operand_b, LANES=lanes, VSMEM=v_smem,
+                VCOPY=v_copy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,40 +269,72 @@ def _key_labels(x, W: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _group_queries(q, KS, KM, g_byte, W: gl.constexpr, MAGIC_C: gl.constexpr,
-                   DT: gl.constexpr, QL: gl.constexpr, QB: gl.constexpr):
+def _group_queries(q, ks_plane, km_plane, W: gl.constexpr, MAGIC_C: gl.constexpr,
+                   DT: gl.constexpr, QL: gl.constexpr, QB: gl.constexpr, GL: gl.constexpr):
     """A plane's B operand ``qs = q * s`` [W labels, HEADS] (DT) for a key group, and its
-    column terms ``sum(q * mid - (magic + c) * qs)`` [HEADS]; ``g_byte``: the plane's scale
-    (middle) pointers by byte, [W] in the GL layout."""
-    ks = _key_labels(gl.load(KS + g_byte), W, gl.SliceLayout(1, QL)).to(gl.float32)
-    km = _key_labels(gl.load(KM + g_byte), W, gl.SliceLayout(1, QL)).to(gl.float32)
+    column terms ``sum(q * mid - (magic + c) * qs)`` [HEADS]; ``ks_plane``/``km_plane``: the
+    plane's scales and middles [W] (fp16, by byte) in shared memory."""
+    ks = _key_labels(ks_plane.load(GL), W, gl.SliceLayout(1, QL)).to(gl.float32)
+    km = _key_labels(km_plane.load(GL), W, gl.SliceLayout(1, QL)).to(gl.float32)
     qs = (q * ks[:, None]).to(DT)
     z = gl.sum(q * km[:, None] - MAGIC_C * qs.to(gl.float32), axis=0)
     return gl.convert_layout(qs, QB, assert_trivial=True), z
 
 
 @gluon.jit
+def _issue(i, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf,
+           k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src, km_src, j_ch,
+           s_ksg, BN: gl.constexpr, GROUP: gl.constexpr, NS: gl.constexpr,
+           WORDS: gl.constexpr):
+    """Start the async copies of tile ``i`` of the chunk (slots ``start + i * BN ..``, masked
+    at ``stop``: masked elements are zero-filled) into ring stage ``i % NS``: code words,
+    positions, value scales and middles, and, for the first tile of a key group, the group's
+    key scales and middles.  One commit group per tile."""
+    n0 = start + i * BN
+    st = i % NS
+    async_copy.async_copy_global_to_shared(k_buf.index(st), k_src + n0 * WORDS,
+                                           mask=(n0 + k_slot < stop)[:, None])
+    async_copy.async_copy_global_to_shared(v_buf.index(st), v_src + n0 * WORDS,
+                                           mask=(n0 + vc_slot < stop)[:, None])
+    async_copy.async_copy_global_to_shared(pos_buf.index(st), pos_src + n0,
+                                           mask=n0 + j_slot < stop)
+    pair_ok = n0 + 2 * j_pair < stop
+    async_copy.async_copy_global_to_shared(vs_buf.index(st), vs_src + n0 // 2, mask=pair_ok)
+    async_copy.async_copy_global_to_shared(vm_buf.index(st), vm_src + n0 // 2, mask=pair_ok)
+    first = ((n0 % GROUP) == 0) & (n0 < stop)
+    g_off = (n0 // GROUP) * s_ksg
+    async_copy.async_copy_global_to_shared(ks_buf.index(st), ks_src + g_off,
+                                           mask=(j_ch >= 0) & first)
+    async_copy.async_copy_global_to_shared(km_buf.index(st), km_src + g_off,
+                                           mask=(j_ch >= 0) & first)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               P, Hkv, n_heads_per_kv, chunk, chunk_offset, n_chunks_total, qscale,
               s_qb, s_qh, s_kb, s_kh, s_ksb, s_ksh, s_ksg, s_vb, s_vh,
-              s_vsb, s_vsh, s_vsp, s_pb, s_bb,
+              s_vsb, s_vsh, s_pb, s_bb,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
               HAS_BIAS: gl.constexpr, MAGIC_C: gl.constexpr, ASM: gl.constexpr,
-              BN: gl.constexpr, MMA: gl.constexpr, KEY: gl.constexpr, VALUE: gl.constexpr,
-              QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr, KA: gl.constexpr,
-              VA: gl.constexpr, PB: gl.constexpr):
+              BN: gl.constexpr, NS: gl.constexpr, MMA: gl.constexpr, KEY: gl.constexpr,
+              VALUE: gl.constexpr, QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr,
+              KA: gl.constexpr, VA: gl.constexpr, PB: gl.constexpr, LANES: gl.constexpr,
+              VSMEM: gl.constexpr, VCOPY: gl.constexpr):
     """Partial softmax (max, denominator, accumulator) of one (sequence, KV head, chunk of
     slots), ``chunk`` a multiple of GROUP; the same outputs as ``triton_decode._partials``.
-    KD/VD are the codes as int32 words (strides in words).  ``qscale`` is the softmax scale
-    times log2(e): scores are kept in log2 units and the max is stored back in natural-log
-    units.  Scores are computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: the slots fill
-    the MMA's 16 rows, the heads its 8 columns.  ``MAGIC_C``: the codes' float offset (magic,
+    KD/VD are the codes as int32 words, KS/KM [.., groups, D/2] and VS/VM [.., slots/2] the
+    fp16 scales and middles as int32 pairs (strides in words).  Tiles stream through a ring of
+    NS stages in shared memory filled by async copies NS - 1 tiles ahead (``_issue``), so no
+    tile waits on a load issued just before it (ptxas moved register prefetches next to their
+    use: BENCHMARKS.md, issue 3, session 13).  ``qscale`` is the softmax scale times log2(e):
+    scores are kept in log2 units and the max is stored back in natural-log units.  Scores are
+    computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: the slots fill the MMA's 16 rows,
+    the heads its 8 columns.  ``MAGIC_C``: the codes' float offset (magic,
     ``quant.float_magic``) plus the middle code (``quant.middle_code``)."""
     DT: gl.constexpr = Q.dtype.element_ty
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
-    s_kp: gl.constexpr = WORDS   # rows of codes are contiguous (``supported``): the compiler
-    s_vp: gl.constexpr = WORDS   # then addresses a whole tile from one base register
     TILES: gl.constexpr = GROUP // BN
     LOG2E_C: gl.constexpr = 1.4426950408889634
     bh = gl.program_id(0)
@@ -296,19 +359,41 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     if PER > 2:
         q2 = _queries(q_col, q_ok, qscale, k_lab, 2, W)
         q3 = _queries(q_col, q_ok, qscale, k_lab, 3, W)
-    g_bytes = gl.arange(0, W, layout=GL)
 
+    # the ring: NS stages of a tile's code words, positions and value scales/middles, and the
+    # key scales/middles of the group a stage's tile opens
+    # (a buffer's layout is that of one stage: no swizzle)
+    FLAT2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    k_buf = gl.allocate_shared_memory(gl.int32, [NS, BN, WORDS], FLAT2)
+    v_buf = gl.allocate_shared_memory(gl.int32, [NS, BN, WORDS], VSMEM)
+    pos_buf = gl.allocate_shared_memory(gl.int32, [NS, BN], FLAT)
+    vs_buf = gl.allocate_shared_memory(gl.int32, [NS, BN // 2], FLAT)
+    vm_buf = gl.allocate_shared_memory(gl.int32, [NS, BN // 2], FLAT)
+    ks_buf = gl.allocate_shared_memory(gl.int32, [NS, D // 2], FLAT)
+    km_buf = gl.allocate_shared_memory(gl.int32, [NS, D // 2], FLAT)
+    # copy sources: code words as the keys' register layout reads them (16 contiguous bytes
+    # per thread), the small rows one word per lane
     k_slot = gl.arange(0, BN, layout=gl.SliceLayout(1, KEY))
     k_word = gl.arange(0, WORDS, layout=gl.SliceLayout(0, KEY))
-    v_slot = gl.arange(0, BN, layout=gl.SliceLayout(1, VALUE))
-    v_word = gl.arange(0, WORDS, layout=gl.SliceLayout(0, VALUE))
-    k_tile = KD + b * s_kb + hk * s_kh + k_slot[:, None] * s_kp + k_word[None, :]
-    v_tile = VD + b * s_vb + hk * s_vh + v_slot[:, None] * s_vp + v_word[None, :]
-    slot = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))   # rows of the score tile
-    v_scale = VS + b * s_vsb + hk * s_vsh + slot * s_vsp
-    v_mid = VM + b * s_vsb + hk * s_vsh + slot * s_vsp
-    pos_row = POS + b * s_pb + slot
+    k_src = KD + b * s_kb + hk * s_kh + k_slot[:, None] * WORDS + k_word[None, :]
+    vc_slot = gl.arange(0, BN, layout=gl.SliceLayout(1, VCOPY))
+    vc_word = gl.arange(0, WORDS, layout=gl.SliceLayout(0, VCOPY))
+    v_src = VD + b * s_vb + hk * s_vh + vc_slot[:, None] * WORDS + vc_word[None, :]
+    j_slot = gl.arange(0, BN, layout=LANES)
+    j_pair = gl.arange(0, BN // 2, layout=LANES)
+    j_ch = gl.arange(0, D // 2, layout=LANES)
+    pos_src = POS + b * s_pb + j_slot
+    vs_src = VS + b * s_vsb + hk * s_vsh + j_pair
+    vm_src = VM + b * s_vsb + hk * s_vsh + j_pair
+    ks_src = KS + b * s_ksb + hk * s_ksh + j_ch
+    km_src = KM + b * s_ksb + hk * s_ksh + j_ch
+    for i0 in gl.static_range(NS - 1):
+        _issue(i0, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf,
+               k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src, km_src,
+               j_ch, s_ksg, BN, GROUP, NS, WORDS)
 
+    slot = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))   # rows of the score tile
     m_i = gl.full([HEADS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
     l_i = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
     r_i = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
@@ -317,49 +402,45 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     acc2 = gl.zeros([W, HEADS], gl.float32, layout=MMA)
     acc3 = gl.zeros([W, HEADS], gl.float32, layout=MMA)
     zero = gl.zeros([W, HEADS], gl.float32, layout=MMA)
+    z = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
+    qs0 = gl.zeros([W, HEADS], DT, layout=QB)
+    qs1 = qs0
+    qs2 = qs0
+    qs3 = qs0
 
-    # the first tile; each tile loads the next one's words before it computes (software
-    # pipelining by hand: the words stay 32-bit registers across iterations)
-    kx = gl.load(k_tile + start * s_kp, mask=(start + k_slot < stop)[:, None], other=0)
-    vx = gl.load(v_tile + start * s_vp, mask=(start + v_slot < stop)[:, None], other=0)
-    live = start + slot < stop
-    pos = gl.load(pos_row + start, mask=live, other=-1)
-    # positions run two tiles ahead and the mask's bias (gathered by position) one tile ahead,
-    # so that no tile waits on a dependent load
-    pos_next = gl.load(pos_row + start + BN, mask=start + BN + slot < stop, other=-1)
-    bias = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
-    if HAS_BIAS:
-        bias = gl.load(BIAS + b * s_bb + pos, mask=pos >= 0, other=0.0) * LOG2E_C
-    vsc = gl.load(v_scale + start * s_vsp, mask=live, other=0.0)
-    vmd = gl.load(v_mid + start * s_vsp, mask=live, other=0.0)
     for g0 in range(start, stop, GROUP):
-        g_byte = g_bytes + (b * s_ksb + hk * s_ksh + (g0 // GROUP) * s_ksg)
-        qs0, z = _group_queries(q0, KS, KM, g_byte, W, MAGIC_C, DT, QL, QB)
-        qs1 = qs0
-        qs2 = qs0
-        qs3 = qs0
-        if PER > 1:
-            qs1, z1 = _group_queries(q1, KS, KM, g_byte + W, W, MAGIC_C, DT, QL, QB)
-            z += z1
-        if PER > 2:
-            qs2, z2 = _group_queries(q2, KS, KM, g_byte + 2 * W, W, MAGIC_C, DT, QL, QB)
-            qs3, z3 = _group_queries(q3, KS, KM, g_byte + 3 * W, W, MAGIC_C, DT, QL, QB)
-            z += z2 + z3
-        z = gl.convert_layout(z, gl.SliceLayout(0, MMA))
         for t in gl.static_range(TILES):
+            i = (g0 - start) // BN + t
+            st = i % NS
             n0 = g0 + t * BN
-            nn = n0 + BN          # the next tile (masked beyond the chunk)
-            kx_next = gl.load(k_tile + nn * s_kp, mask=(nn + k_slot < stop)[:, None], other=0)
-            vx_next = gl.load(v_tile + nn * s_vp, mask=(nn + v_slot < stop)[:, None], other=0)
-            live_next = nn + slot < stop
-            pos_next2 = gl.load(pos_row + nn + BN, mask=nn + BN + slot < stop, other=-1)
-            bias_next = bias
-            if HAS_BIAS:
-                bias_next = gl.load(BIAS + b * s_bb + pos_next, mask=pos_next >= 0,
-                                    other=0.0) * LOG2E_C
-            vsc_next = gl.load(v_scale + nn * s_vsp, mask=live_next, other=0.0)
-            vmd_next = gl.load(v_mid + nn * s_vsp, mask=live_next, other=0.0)
+            async_copy.wait_group(NS - 2)     # tile i has landed (this thread's copies) ..
+            gl.thread_barrier()               # .. every thread's; stage (i - 1) % NS is free
+            _issue(i + NS - 1, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf,
+                   km_buf, k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair,
+                   ks_src, km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
+            if t == 0:   # the group's B operands and column terms, plane by plane
+                ksv = ks_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
+                kmv = km_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
+                qs0, z = _group_queries(q0, ksv.slice(0, W), kmv.slice(0, W), W, MAGIC_C, DT,
+                                        QL, QB, GL)
+                if PER > 1:
+                    qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W, MAGIC_C,
+                                             DT, QL, QB, GL)
+                    z += z1
+                if PER > 2:
+                    qs2, z2 = _group_queries(q2, ksv.slice(2 * W, W), kmv.slice(2 * W, W), W,
+                                             MAGIC_C, DT, QL, QB, GL)
+                    qs3, z3 = _group_queries(q3, ksv.slice(3 * W, W), kmv.slice(3 * W, W), W,
+                                             MAGIC_C, DT, QL, QB, GL)
+                    z += z2 + z3
+                z = gl.convert_layout(z, gl.SliceLayout(0, MMA))
+            pos = pos_buf.index(st).load(gl.SliceLayout(1, MMA))
             live = n0 + slot < stop
+            bias = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
+            if HAS_BIAS:
+                bias = gl.load(BIAS + b * s_bb + pos, mask=live & (pos >= 0),
+                               other=0.0) * LOG2E_C
+            kx = k_buf.index(st).load(KEY)
             # scores S^T in log2 units: the planes' (magic + code) . qs, plus the column terms
             s = gl.zeros([BN, HEADS], gl.float32, layout=MMA) + z[None, :]
             if PER == 2:
@@ -381,6 +462,10 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
             p = gl.exp2(s - m_safe[None, :])
             alpha = gl.exp2(m_i - m_safe)
+            vsc = vs_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
+                gl.SliceLayout(1, MMA))
+            vmd = vm_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
+                gl.SliceLayout(1, MMA))
             pw = (p * vsc.to(gl.float32)[:, None]).to(DT)
             l_i = l_i * alpha + gl.sum(p, axis=0)
             r_i = r_i * alpha + gl.sum(p * vmd.to(gl.float32)[:, None]
@@ -392,6 +477,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             # 30% of the output over long chunks, where magic * sum(p * s) cancels against the
             # row terms (BENCHMARKS.md, issue 3, session 10)
             a_col = alpha[None, :]
+            vx = v_buf.index(st).load(VALUE)
             if PER == 2:
                 v00, v01, v02, v03, v10, v11, v12, v13 = _unpack(vx, ASM, PER, qs0)
                 acc0 = acc0 * a_col + mma_v2(
@@ -409,13 +495,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                     _value_operand(_bytes(v20, v21, v22, v23, W), W, VA), pt, zero)
                 acc3 = acc3 * a_col + mma_v2(
                     _value_operand(_bytes(v30, v31, v32, v33, W), W, VA), pt, zero)
-            kx = kx_next
-            vx = vx_next
-            pos = pos_next
-            pos_next = pos_next2
-            bias = bias_next
-            vsc = vsc_next
-            vmd = vmd_next
+    async_copy.wait_group(0)
 
     heads = gl.arange(0, HEADS, layout=gl.SliceLayout(0, MMA))
     h_ok = heads < n_heads_per_kv

@@ -48,7 +48,8 @@ FOUR_BIT_WARPS = 8            # 0: no such rule (a measurement knob)
 FOUR_BIT_PROGRAMS_PER_SM = 2
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 # 2- and 4-bit segments that ``gluon_decode.supported`` takes run the Gluon kernel instead of
-# ``_partials``: GLUON_PROGRAMS_PER_SM one-warp programs per SM (all it fits at 255 registers);
+# ``_partials``: GLUON_PROGRAMS_PER_SM one-warp programs per SM (8; 10 were slower at 128K
+# batch 8, 7 or 10 slower before the kernel's copy ring: BENCHMARKS.md, sessions 10 and 13);
 # USE_GLUON = False: every segment on ``_partials`` (a measurement knob).
 USE_GLUON = True
 GLUON_PROGRAMS_PER_SM = 8
