@@ -283,8 +283,8 @@ def _group_queries(q, ks_plane, km_plane, W: gl.constexpr, MAGIC_C: gl.constexpr
 
 @gluon.jit
 def _issue(i, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf,
-           k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src, km_src, j_ch,
-           s_ksg, BN: gl.constexpr, GROUP: gl.constexpr, NS: gl.constexpr,
+           k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src,
+           km_src, j_ch, s_ksg, BN: gl.constexpr, GROUP: gl.constexpr, NS: gl.constexpr,
            WORDS: gl.constexpr):
     """Start the async copies of tile ``i`` of the chunk (slots ``start + i * BN ..``, masked
     at ``stop``: masked elements are zero-filled) into ring stage ``i % NS``: code words,
@@ -362,7 +362,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
 
     # the ring: NS stages of a tile's code words, positions and value scales/middles, and the
     # key scales/middles of the group a stage's tile opens
-    # (a buffer's layout is that of one stage: no swizzle)
+    # (a buffer's layout is that of one stage: plain rows, the value words as VSMEM)
     FLAT2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     k_buf = gl.allocate_shared_memory(gl.int32, [NS, BN, WORDS], FLAT2)
@@ -372,8 +372,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     vm_buf = gl.allocate_shared_memory(gl.int32, [NS, BN // 2], FLAT)
     ks_buf = gl.allocate_shared_memory(gl.int32, [NS, D // 2], FLAT)
     km_buf = gl.allocate_shared_memory(gl.int32, [NS, D // 2], FLAT)
-    # copy sources: code words as the keys' register layout reads them (16 contiguous bytes
-    # per thread), the small rows one word per lane
+    # copy sources: key words as the KEY layout reads them (16 contiguous bytes per thread),
+    # value words as VCOPY, the small rows one word per lane
     k_slot = gl.arange(0, BN, layout=gl.SliceLayout(1, KEY))
     k_word = gl.arange(0, WORDS, layout=gl.SliceLayout(0, KEY))
     k_src = KD + b * s_kb + hk * s_kh + k_slot[:, None] * WORDS + k_word[None, :]
@@ -390,8 +390,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     km_src = KM + b * s_ksb + hk * s_ksh + j_ch
     for i0 in gl.static_range(NS - 1):
         _issue(i0, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf,
-               k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src, km_src,
-               j_ch, s_ksg, BN, GROUP, NS, WORDS)
+               k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src,
+               km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
 
     slot = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))   # rows of the score tile
     m_i = gl.full([HEADS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
