@@ -325,9 +325,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     slots), ``chunk`` a multiple of GROUP; the same outputs as ``triton_decode._partials``.
     KD/VD are the codes as int32 words, KS/KM [.., groups, D/2] and VS/VM [.., slots/2] the
     fp16 scales and middles as int32 pairs (strides in words).  Tiles stream through a ring of
-    NS stages in shared memory filled by async copies NS - 1 tiles ahead (``_issue``), so no
-    tile waits on a load issued just before it (ptxas moved register prefetches next to their
-    use: BENCHMARKS.md, issue 3, session 13).  ``qscale`` is the softmax scale times log2(e):
+    NS stages in shared memory filled by async copies NS - 1 tiles ahead (``_issue``; why: the
+    module docstring).  ``qscale`` is the softmax scale times log2(e):
     scores are kept in log2 units and the max is stored back in natural-log units.  Scores are
     computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: the slots fill the MMA's 16 rows,
     the heads its 8 columns.  ``MAGIC_C``: the codes' float offset (magic,
