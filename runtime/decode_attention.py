@@ -29,13 +29,15 @@ CHUNK = 4096  # slots per step of the chunked PyTorch implementation
 
 
 class Segment:
-    """One run of cached tokens in a kernel's view.  ``pos [B, P]`` (-1: empty) or None for the
-    residual window, whose positions are ``base + slot``."""
+    """One run of cached tokens in a kernel's view.  ``pos [B, P]`` (-1: empty), or None where
+    the positions are ``base + slot`` (the residual window of a growing cache).  ``residual``:
+    this is the unquantized window of recent tokens (16-bit, a few hundred slots at most)."""
 
-    def __init__(self, kd, ks, km, vd, vs, vm, pos, bits, group, vgroup, dtype, base=0):
+    def __init__(self, kd, ks, km, vd, vs, vm, pos, bits, group, vgroup, dtype, base=0,
+                 residual=False):
         self.kd, self.ks, self.km, self.vd, self.vs, self.vm = kd, ks, km, vd, vs, vm
         self.pos, self.bits, self.group, self.vgroup, self.dtype = pos, bits, group, vgroup, dtype
-        self.base = base
+        self.base, self.residual = base, residual
 
     @property
     def slots(self) -> int:
@@ -73,7 +75,7 @@ def segments(hk, hks, hkm, hv, hvs, hvm, hpos, lk, lks, lkm, lv, lvs, lvm, lpos,
     if lk is not None:
         out.append(Segment(lk, lks, lkm, lv, lvs, lvm, lpos, low_bits, group, vgroup, dtype))
     out.append(Segment(rk, None, None, rv, None, None, rpos, 16, group, vgroup, dtype,
-                       base=length - rk.shape[-2]))
+                       base=length - rk.shape[-2], residual=True))
     return [s for s in out if s.slots > 0]
 
 

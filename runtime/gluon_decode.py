@@ -51,7 +51,13 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from . import quant
 
 TILE = 32                  # slots per tile (the kernel's BN; 64 spills registers)
-STAGES = 4                 # tiles in flight per program (the ring of async copies)
+STAGES = 2                 # tiles in flight per program (the ring of async copies)
+# Register cap per code width (0: ptxas' choice, 168 at 2 bits).  A scheduler of an SM holds
+# 16K registers: at 179 registers (4 bits uncapped) it fits 2 one-warp programs, at 168 it
+# fits 3, so that 12 programs share an SM (``triton_decode.GLUON_PROGRAMS_PER_SM``; their rings
+# fit its shared memory).  With other warps to switch to, a ring of 2 (one tile ahead) is as
+# fast as 3 or 4 (H200, BENCHMARKS.md, issue 3, session 14).
+MAX_REGISTERS = {4: 168, 2: 0}
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
 LOG2E = 1.4426950408889634
@@ -72,8 +78,7 @@ def supported(seg, q: torch.Tensor) -> bool:
                     for t in (seg.ks, seg.km) for i in range(3)))
 
 
-def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
-           maxnreg: int = 0) -> None:
+def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks) -> None:
     """Partials of segment ``seg`` into the buffers of ``triton_decode.decode`` (chunks
     ``offset .. offset + count - 1`` of ``n_chunks``), chunks of ``chunk`` slots."""
     B, H, _, D = q.shape
@@ -94,7 +99,7 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
         MAGIC_C=quant.float_magic(q.dtype, seg.bits)[1] + quant.middle_code(seg.bits),
         ASM=pairs_asm(seg.bits, q.dtype),
         BN=TILE, NS=STAGES, **layouts(W, TILE), num_warps=1,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+        **({"maxnreg": MAX_REGISTERS[seg.bits]} if MAX_REGISTERS[seg.bits] else {}))
 
 
 @functools.lru_cache(maxsize=None)

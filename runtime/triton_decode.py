@@ -8,8 +8,9 @@ fp16, four codes per 32-bit register with byte permutes in inline PTX, ``quant.p
 kernel is bound by instructions per tile, not by bytes, BENCHMARKS.md); scales and middles are
 applied outside the dot products (``_qk_plane``, ``_pv_plane``).  Its partial (max,
 denominator, accumulator) goes to a scratch buffer; a second kernel merges the partials of
-every chunk of every segment.  Nothing of the cached length is materialized in full precision:
-the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
+every chunk of every segment (and, when its grid fits in one wave, attends the residual
+window itself: ``MERGE_RESIDUAL``).  Nothing of the cached length is materialized in full
+precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
 
 2- and 4-bit segments that ``gluon_decode.supported`` takes (bf16/fp16 queries, up to 8 query
 heads per KV head, head dim 64 or 128 ...) run ``gluon_decode._partials`` instead of
@@ -48,17 +49,26 @@ FOUR_BIT_WARPS = 8            # 0: no such rule (a measurement knob)
 FOUR_BIT_PROGRAMS_PER_SM = 2
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 # 2- and 4-bit segments that ``gluon_decode.supported`` takes run the Gluon kernel instead of
-# ``_partials``: GLUON_PROGRAMS_PER_SM one-warp programs per SM (8; 10 were slower at 128K
-# batch 8, 7 or 10 slower before the kernel's copy ring: BENCHMARKS.md, sessions 10 and 13);
-# USE_GLUON = False: every segment on ``_partials`` (a measurement knob).
+# ``_partials``: GLUON_PROGRAMS_PER_SM one-warp programs per SM, as many as fit at once
+# (``gluon_decode.MAX_REGISTERS``; 12 instead of 8: 1.10x at 4 bits, 1.05x at 2 bits, at 128K
+# batch 8 on an H200, BENCHMARKS.md, session 14); USE_GLUON = False: every segment on
+# ``_partials`` (a measurement knob).
 USE_GLUON = True
-GLUON_PROGRAMS_PER_SM = 8
-GLUON_MAXNREG = 0     # register cap of the Gluon kernel (0: none)
+GLUON_PROGRAMS_PER_SM = 12
 # The merge: one program per query head and MERGE_BLOCK_D channels, MERGE_BLOCK_C chunks at a
 # time (one program per query head took 29 us at 128K batch 1 over ~500 chunks, this 6 us;
 # H100, BENCHMARKS.md).
 MERGE_BLOCK_D = 32
 MERGE_BLOCK_C = 128
+# The residual window (16-bit, recent tokens, at most MERGE_RESIDUAL_SLOTS slots) is attended
+# inside the merge instead of by a partial kernel of its own when the merge grid fits in one
+# program per SM: one launch fewer, for which every merge program of a KV head reads the
+# window again (g * D / MERGE_BLOCK_D times).  4/2 on an H200: 1.09x at 32K batch 1, 1.01x
+# at 128K batch 1, 0.98x at 128K batch 8 with 896 merge programs (BENCHMARKS.md, session
+# 14).  MERGE_RESIDUAL = False: never (a knob); MERGE_RESIDUAL_BLOCK slots at a time.
+MERGE_RESIDUAL = True
+MERGE_RESIDUAL_SLOTS = 1024
+MERGE_RESIDUAL_BLOCK = 64
 
 
 def problem(q: torch.Tensor, segs) -> str:
@@ -288,10 +298,17 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
 
 
 @triton.jit
-def _merge(M, L, ACC, OUT, Hkv, n_heads_per_kv, n_chunks, s_ob, s_oh,
-           D: tl.constexpr, QR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge(M, L, ACC, OUT, Q, RK, RV, RPOS, BIAS, Hkv, n_heads_per_kv, n_chunks, r_slots,
+           r_base, scale, s_ob, s_oh, s_qb, s_qh, s_rkb, s_rkh, s_rvb, s_rvh, s_pb, s_bb,
+           D: tl.constexpr, QR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+           HAS_RES: tl.constexpr, HAS_RPOS: tl.constexpr, HAS_BIAS: tl.constexpr,
+           BLOCK_R: tl.constexpr):
     """One program per (query head, BLOCK_D channels): merge the partials of every chunk of
-    every segment (split over channels so that a batch-1 call still has enough programs)."""
+    every segment (split over channels so that a batch-1 call still has enough programs).
+    HAS_RES: the residual window (16-bit K/V [B, Hkv, r_slots, D], slot stride D, positions
+    RPOS [B, r_slots] or ``r_base + slot``) is attended here first, in fp32, instead of by a
+    partial kernel of its own (each of a head's D / BLOCK_D programs computes the same
+    scores: a few hundred slots)."""
     bh = tl.program_id(0)
     row = tl.program_id(1)
     b = bh // Hkv
@@ -301,6 +318,33 @@ def _merge(M, L, ACC, OUT, Hkv, n_heads_per_kv, n_chunks, s_ob, s_oh,
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_RES:
+        ch = tl.arange(0, D)
+        q = tl.load(Q + b * s_qb + (hk * n_heads_per_kv + row) * s_qh + ch).to(tl.float32)
+        for r0 in tl.range(0, r_slots, BLOCK_R):
+            n = r0 + tl.arange(0, BLOCK_R)
+            live = n < r_slots
+            k = tl.load(RK + b * s_rkb + hk * s_rkh + n[:, None] * D + ch[None, :],
+                        mask=live[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * scale  # [BLOCK_R]
+            if HAS_RPOS:
+                pos = tl.load(RPOS + b * s_pb + n, mask=live, other=-1)
+                ok = live & (pos >= 0)
+            else:
+                pos = r_base + n
+                ok = live
+            if HAS_BIAS:
+                s += tl.load(BIAS + b * s_bb + pos, mask=ok, other=0.0)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe)  # [BLOCK_R]
+            w_run = tl.exp(m_run - m_safe)
+            v = tl.load(RV + b * s_rvb + hk * s_rvh + n[:, None] * D + d[None, :],
+                        mask=live[:, None], other=0.0).to(tl.float32)
+            acc = acc * w_run + tl.sum(p[:, None] * v, axis=0)
+            l_run = l_run * w_run + tl.sum(p, axis=0)
+            m_run = m_new
     for c0 in tl.range(0, n_chunks, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         ok = cs < n_chunks
@@ -368,6 +412,10 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     g = H // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    block_d = min(D, MERGE_BLOCK_D)
+    merge_grid = (B * Hkv, g, D // block_d)
+    res = segs[-1] if _in_merge(segs[-1], D, B * H * (D // block_d) <= sms) else None
+    segs = segs[:-1] if res is not None else segs
     total_slots = sum(s.slots for s in segs)
     tile_of = [_tile(s, q.dtype) for s in segs]
     tiles = sum(B * Hkv * _cdiv(s.slots, tile) for s, tile in zip(segs, tile_of))
@@ -385,15 +433,17 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         share = max(1, share)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile, options))
     n_chunks = sum(n for _, n, _, _ in plans)
-    m = torch.empty(B * Hkv * QROWS * n_chunks, device=q.device, dtype=torch.float32)
+    # (one element at least: no chunks when the residual window is the whole cache)
+    m = torch.empty(max(1, B * Hkv * QROWS * n_chunks), device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
-    acc = torch.empty(B * Hkv * n_chunks * QROWS * D, device=q.device, dtype=torch.float32)
+    acc = torch.empty(max(1, B * Hkv * n_chunks * QROWS * D), device=q.device,
+                      dtype=torch.float32)
     dummy = q.new_empty(1)
     offset = 0
     for seg, (chunk, count, tile, options), on_gluon in zip(segs, plans, gluon):
         if on_gluon:
             gluon_decode.launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
-                                n_chunks, GLUON_MAXNREG)
+                                n_chunks)
             offset += count
             continue
         quantized = seg.bits < 16
@@ -423,8 +473,27 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             STAGES=NUM_STAGES, **options, **asm)
         offset += count
     out = q.new_empty(B, H, 1, D)
-    block_d = min(D, MERGE_BLOCK_D)
-    _merge[(B * Hkv, g, D // block_d)](m, den, acc, out, Hkv, g, n_chunks, out.stride(0),
-                                       out.stride(1), D=D, QR=QROWS, BLOCK_C=MERGE_BLOCK_C,
-                                       BLOCK_D=block_d)
+    if res is not None:
+        rk, rv, rpos, r_slots, r_base = res.kd, res.vd, res.pos, res.slots, res.base
+        r_strides = (*rk.stride()[:2], *rv.stride()[:2])
+    else:
+        rk = rv = rpos = None
+        r_slots = r_base = 0
+        r_strides = (0, 0, 0, 0)
+    _merge[merge_grid](
+        m, den, acc, out, q, *(t if t is not None else dummy for t in (rk, rv, rpos, bias)),
+        Hkv, g, n_chunks, r_slots, r_base, scale, out.stride(0), out.stride(1), q.stride(0),
+        q.stride(1), *r_strides, rpos.stride(0) if rpos is not None else 0,
+        bias.stride(0) if bias is not None else 0, D=D, QR=QROWS, BLOCK_C=MERGE_BLOCK_C,
+        BLOCK_D=block_d, HAS_RES=res is not None, HAS_RPOS=rpos is not None,
+        HAS_BIAS=bias is not None, BLOCK_R=MERGE_RESIDUAL_BLOCK)
     return out
+
+
+def _in_merge(seg, d: int, one_wave: bool) -> bool:
+    """Whether the merge attends segment ``seg`` itself (``MERGE_RESIDUAL``): the residual
+    window, at most MERGE_RESIDUAL_SLOTS slots of d contiguous channels each, and a merge grid
+    of at most one program per SM (``one_wave``)."""
+    return (MERGE_RESIDUAL and one_wave and seg.residual and seg.slots <= MERGE_RESIDUAL_SLOTS
+            and all(t.stride(-1) == 1 and t.stride(-2) == d and t.shape[-1] == d
+                    for t in (seg.kd, seg.vd)))

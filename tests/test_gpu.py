@@ -252,6 +252,39 @@ def test_triton_decode_without_gqa_matches_the_reference(dtype, hb, lb):
     check_triton_decode(dtype, hb, lb, 3, 32, heads=8, kv_heads=8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_merge", [True, False])
+def test_triton_decode_residual_window_in_the_merge_or_alone(dtype, in_merge, monkeypatch):
+    """The residual window attended inside the merge (MERGE_RESIDUAL; a merge grid of one
+    program per SM at most: batch 1, 8 query heads) or by its own partial kernel: both match
+    the reference, over a split cache and over a cache whose every token is still in the
+    window (no partial chunks at all)."""
+    from test_kv_cache import filled_cache
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import triton_decode
+
+    monkeypatch.setattr(triton_decode, "MERGE_RESIDUAL", in_merge)
+    q = torch.randn(1, 8, 1, 128, device="cuda", dtype=dtype)
+    args = decode_case(dtype, 4, 2, 1, 32, 4)
+    segs = da.segments(*args)
+    assert segs[-1].residual and triton_decode._in_merge(segs[-1], 128, True) == in_merge
+    out, ref = decode_vs_reference(args, q)
+    assert rel_err(out, ref) < DECODE_TOL[dtype]
+    # a 40-token cache with a residual window of 64: one segment, the window
+    cfg = ZipVLConfig(high_bits=4, low_bits=2, group_size=32, residual_length=64)
+    cache, *_ = filled_cache(cfg, B=1, Hkv=4, n=40, d=128, budgets=(20,), decode=2,
+                             dtype=dtype)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a
+            for a in cache.layers[0].kernel_args()]
+    segs = da.segments(*args)
+    assert [s.residual for s in segs] == [True]
+    mask = torch.ones(1, 1, 1, 42, dtype=torch.bool, device="cuda")
+    mask[..., :5] = False
+    out = torch.ops.zipvl.decode_attention(q, mask, 128 ** -0.5, *args)
+    ref = da.reference(q.float(), fp32_segments(segs), mask, 128 ** -0.5)
+    assert rel_err(out, ref) < DECODE_TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hb,lb", [(4, 2), (2, 2)])
 def test_gluon_decode_over_long_chunks(dtype, hb, lb, monkeypatch):
