@@ -5,7 +5,8 @@ Part A, one attention layer (Qwen2-7B heads: 28 query, 4 KV, head dim 128, bf16)
 prompt with the structure ZipVL relies on: a few hundred heavy-hitter keys that decode queries
 attend to, and outlier key channels.  Importance comes from ZipVL's own prefill selection
 (``reference.zipvl_attention``, ratio 0.5: half important, the issue's memory setting); the
-cache split is built from it exactly as the backend hands it over.  Error: relative L2 error of 32 decode queries' attention outputs.
+cache split is built from it exactly as the backend hands it over.  Error: relative L2 error of
+32 decode queries' attention outputs.
 
 Part B, a random-weight Llama language model (4 layers, head dim 64, bf16) compiled with the
 zipvl backend (forced ratio 0.5, all queries computed: random weights have no attention
@@ -21,11 +22,13 @@ its importance to the cache) against quanto (dense prefill), each against its ow
     python benchmarks/kv_quality.py [--json results.json] [--skip-model] [--skip-toy]
 
 Memory is the bytes each cache holds (ours: ``memory_bytes()``; quanto: codes, scales,
-shifts and its residual), relative to the 16-bit cache of the same tokens.
+shifts and its residual), relative to the 16-bit cache of the same tokens.  Parts A and B also
+run ours at quanto's memory (rows "g128 r0": ``MATCHED``).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -39,6 +42,12 @@ OURS = [(16, 16), (8, 8), (8, 4), (4, 4), (4, 2), (4, 0), (2, 2), (2, 0)]
 QUANTO = [4, 2]
 GROUP = 64       # quanto's default group; ours uses it too (same groups, same residual)
 RESIDUAL = 128
+# Ours again at the memory quanto holds: ``ZipVLConfig``'s default key groups (128 tokens; the
+# slot positions ours stores cost what the scales of the halved key groups save) and no prompt
+# token in the residual window (quanto's cache quantizes the whole prompt; decoded tokens still
+# enter the window).  Rows "zipvl a/b, g128 r0".
+MATCHED = dict(group_size=128, residual_length=0)
+SETTINGS = {"": None, ", g128 r0": MATCHED}  # row suffix: ours' cache sizes (None: per part)
 
 
 def quanto_layer(nbits):
@@ -91,10 +100,11 @@ def part_a():
     kept_idx = torch.cat([kept.sort().values, rest])[None]
     dense_bytes = 2 * k.numel() * 2 * (n + 32) // n  # K and V of n + 32 tokens, bf16
     rows = []
-    for hb, lb in OURS:
+    for (suffix, sizes), (hb, lb) in itertools.product(SETTINGS.items(), OURS):
         # residual 32: quanto quantizes the whole prompt, so ours keeps few prompt tokens
-        # unquantized too (equal memory footing)
-        cache = ZipVLCache(high_bits=hb, low_bits=lb, group_size=GROUP, residual_length=32)
+        # unquantized too (near equal memory footing)
+        sizes = sizes or dict(group_size=GROUP, residual_length=32)
+        cache = ZipVLCache(high_bits=hb, low_bits=lb, **sizes)
         cache.update(k, v, 0)
         plan = cache.plan(0, k, kept_idx, budget)
         cache.adopt(0, k, v, plan, plan.counts.tolist(), "layers.0.self_attn")
@@ -109,7 +119,7 @@ def part_a():
                                                    *cache.layers[0].kernel_args()).float()
             ref = attention(qt, full_k, full_v)
             errs.append(((out - ref).norm() / ref.norm()).item())
-        rows.append(dict(cache=f"zipvl {hb}/{lb}", kept=len(kept) / n,
+        rows.append(dict(cache=f"zipvl {hb}/{lb}{suffix}", kept=len(kept) / n,
                          memory=cache.memory_bytes() / dense_bytes,
                          attn_err=sum(errs) / len(errs)))
     for bits in QUANTO:
@@ -165,11 +175,11 @@ def part_b():
     ref_e, _ = logits_after(eager, DynamicCache())
     dense_bytes = sum(layer.keys.numel() * 2 * 2 for layer in dense.layers)
     rows = []
-    for hb, lb in OURS:
-        lg, cache = logits_after(model, ZipVLCache(high_bits=hb, low_bits=lb, group_size=GROUP,
-                                                   residual_length=RESIDUAL))
-        rows.append(dict(cache=f"zipvl {hb}/{lb}", memory=cache.memory_bytes() / dense_bytes,
-                         **err(lg, ref_z)))
+    for (suffix, sizes), (hb, lb) in itertools.product(SETTINGS.items(), OURS):
+        sizes = sizes or dict(group_size=GROUP, residual_length=RESIDUAL)
+        lg, cache = logits_after(model, ZipVLCache(high_bits=hb, low_bits=lb, **sizes))
+        rows.append(dict(cache=f"zipvl {hb}/{lb}{suffix}",
+                         memory=cache.memory_bytes() / dense_bytes, **err(lg, ref_z)))
     for bits in QUANTO:
         q = QuantizedCache(backend="quanto", config=eager.config, nbits=bits, q_group_size=GROUP,
                            residual_length=RESIDUAL)
