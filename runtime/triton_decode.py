@@ -173,6 +173,25 @@ def _pv_plane(p, pw, vp, VS, VM, t_off, live, J: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
+def _slot_bias(POS, BIAS, b, n, live, base, s_pb, s_bb, HAS_POS: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """(the mask's additive bias [N], whether each slot holds a token [N]) of slots n [N] of
+    sequence b (``live``: n is inside the segment): positions POS[b, n] (-1: empty) or, without
+    POS, ``base + n``; the bias gathered by position (zeros without BIAS: callers add it
+    only with BIAS)."""
+    if HAS_POS:
+        pos = tl.load(POS + b * s_pb + n, mask=live, other=-1)
+        ok = live & (pos >= 0)
+    else:
+        pos = base + n
+        ok = live
+    bias = tl.zeros(n.shape, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * s_bb + pos, mask=ok, other=0.0)
+    return bias, ok
+
+
+@triton.jit
 def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               P, base, Hkv, n_heads_per_kv, chunk, chunk_offset, n_chunks_total, scale,
               s_qb, s_qh, s_kb, s_kh, s_kp, s_ksb, s_ksh, s_ksg, s_vb, s_vh, s_vp,
@@ -243,14 +262,9 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                 z += z2 + z3
             s += tl.sum(z, axis=1)[:, None]  # one reduction for every plane's row terms
         s = s * scale
-        if HAS_POS:
-            pos = tl.load(POS + b * s_pb + n, mask=live, other=-1)
-            ok = live & (pos >= 0)
-        else:
-            pos = base + n
-            ok = live
+        bias, ok = _slot_bias(POS, BIAS, b, n, live, base, s_pb, s_bb, HAS_POS, HAS_BIAS)
         if HAS_BIAS:
-            s += tl.load(BIAS + b * s_bb + pos, mask=ok, other=0.0)[None, :]
+            s += bias[None, :]
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -327,14 +341,10 @@ def _merge(M, L, ACC, OUT, Q, RK, RV, RPOS, BIAS, Hkv, n_heads_per_kv, n_chunks,
             k = tl.load(RK + b * s_rkb + hk * s_rkh + n[:, None] * D + ch[None, :],
                         mask=live[:, None], other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1) * scale  # [BLOCK_R]
-            if HAS_RPOS:
-                pos = tl.load(RPOS + b * s_pb + n, mask=live, other=-1)
-                ok = live & (pos >= 0)
-            else:
-                pos = r_base + n
-                ok = live
+            bias, ok = _slot_bias(RPOS, BIAS, b, n, live, r_base, s_pb, s_bb, HAS_RPOS,
+                                  HAS_BIAS)
             if HAS_BIAS:
-                s += tl.load(BIAS + b * s_bb + pos, mask=ok, other=0.0)
+                s += bias
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_run, tl.max(s, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
