@@ -47,7 +47,11 @@ RESIDUAL = 128
 # token in the residual window (quanto's cache quantizes the whole prompt; decoded tokens still
 # enter the window).  Rows "zipvl a/b, g128 r0".
 MATCHED = dict(group_size=128, residual_length=0)
-SETTINGS = {"": None, ", g128 r0": MATCHED}  # row suffix: ours' cache sizes (None: per part)
+
+
+def our_sizes(part_sizes: dict) -> dict:
+    """Row-name suffix -> our cache sizes: a part's own, then ``MATCHED``."""
+    return {"": part_sizes, ", g128 r0": MATCHED}
 
 
 def quanto_layer(nbits):
@@ -100,10 +104,10 @@ def part_a():
     kept_idx = torch.cat([kept.sort().values, rest])[None]
     dense_bytes = 2 * k.numel() * 2 * (n + 32) // n  # K and V of n + 32 tokens, bf16
     rows = []
-    for (suffix, sizes), (hb, lb) in itertools.product(SETTINGS.items(), OURS):
-        # residual 32: quanto quantizes the whole prompt, so ours keeps few prompt tokens
-        # unquantized too (near equal memory footing)
-        sizes = sizes or dict(group_size=GROUP, residual_length=32)
+    # residual 32: quanto quantizes the whole prompt, so ours keeps few prompt tokens
+    # unquantized too (near equal memory footing)
+    settings = our_sizes(dict(group_size=GROUP, residual_length=32))
+    for (suffix, sizes), (hb, lb) in itertools.product(settings.items(), OURS):
         cache = ZipVLCache(high_bits=hb, low_bits=lb, **sizes)
         cache.update(k, v, 0)
         plan = cache.plan(0, k, kept_idx, budget)
@@ -175,8 +179,8 @@ def part_b():
     ref_e, _ = logits_after(eager, DynamicCache())
     dense_bytes = sum(layer.keys.numel() * 2 * 2 for layer in dense.layers)
     rows = []
-    for (suffix, sizes), (hb, lb) in itertools.product(SETTINGS.items(), OURS):
-        sizes = sizes or dict(group_size=GROUP, residual_length=RESIDUAL)
+    settings = our_sizes(dict(group_size=GROUP, residual_length=RESIDUAL))
+    for (suffix, sizes), (hb, lb) in itertools.product(settings.items(), OURS):
         lg, cache = logits_after(model, ZipVLCache(high_bits=hb, low_bits=lb, **sizes))
         rows.append(dict(cache=f"zipvl {hb}/{lb}{suffix}",
                          memory=cache.memory_bytes() / dense_bytes, **err(lg, ref_z)))

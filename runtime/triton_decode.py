@@ -424,7 +424,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     block_d = min(D, MERGE_BLOCK_D)
     merge_grid = (B * Hkv, g, D // block_d)
-    res = segs[-1] if _in_merge(segs[-1], D, B * H * (D // block_d) <= sms) else None
+    one_wave = merge_grid[0] * merge_grid[1] * merge_grid[2] <= sms
+    res = segs[-1] if _in_merge(segs[-1], D, one_wave) else None
     segs = segs[:-1] if res is not None else segs
     total_slots = sum(s.slots for s in segs)
     tile_of = [_tile(s, q.dtype) for s in segs]

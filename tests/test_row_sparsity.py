@@ -5,7 +5,6 @@ import torch
 from conftest import load_benchmark
 
 
-
 @pytest.mark.parametrize("top_p", [0.5, 0.9])
 def test_top_p_attention_reads_the_smallest_mass_set_of_each_row(top_p):
     mod = load_benchmark("toyvlm_row_sparsity")
