@@ -50,13 +50,15 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from . import quant
 
-TILE = 32                  # slots per tile (the kernel's BN; 64 spills registers)
+TILE = 32                  # slots per tile (the kernel's BN; 64 is no faster, session 15)
 STAGES = 2                 # tiles in flight per program (the ring of async copies)
-# Register cap per code width (0: ptxas' choice, 168 at 2 bits).  A scheduler of an SM holds
-# 16K registers: at 179 registers (4 bits uncapped) it fits 2 one-warp programs, at 168 it
-# fits 3, so that 12 programs share an SM (``triton_decode.GLUON_PROGRAMS_PER_SM``; their rings
-# fit its shared memory).  With other warps to switch to, a ring of 2 (one tile ahead) is as
-# fast as 3 or 4 (H200, BENCHMARKS.md, issue 3, session 14).
+# Register cap per code width (0: ptxas' choice).  A scheduler of an SM holds 16K registers:
+# at more than 168 registers per thread it fits 2 one-warp programs, at 168 or fewer 3, so that
+# 12 programs share an SM (``triton_decode.GLUON_PROGRAMS_PER_SM``; their rings fit its shared
+# memory).  With the queries in shared memory and the tiles of a key group in a runtime loop,
+# ptxas takes 157 registers at 4 bits under the cap (168 without it) and 166 at 2 bits, with no
+# spills (H200, BENCHMARKS.md, issue 3, sessions 14 and 15).  With other warps to switch to, a
+# ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).
 MAX_REGISTERS = {4: 168, 2: 0}
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
@@ -258,10 +260,11 @@ def _transposed_probabilities(pw, layout: gl.constexpr):
 
 
 @gluon.jit
-def _queries(Q_COL, q_ok, qscale, k_lab, J: gl.constexpr, W: gl.constexpr):
-    """Plane J of the queries [W labels, HEADS] in fp32, log2 units (scale * log2(e))."""
+def _queries(Q_COL, q_ok, k_lab, J: gl.constexpr, W: gl.constexpr):
+    """Plane J of the queries [W labels, HEADS] (their dtype; zeros past the KV head's
+    query heads)."""
     ch = J * W + _key_byte(k_lab, W)
-    return gl.load(Q_COL + ch[:, None], mask=q_ok, other=0.0).to(gl.float32) * qscale
+    return gl.load(Q_COL + ch[:, None], mask=q_ok, other=0.0)
 
 
 @gluon.jit
@@ -348,21 +351,20 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     start = c * chunk
     stop = gl.minimum(start + chunk, P)
 
-    # queries, transposed: rows = key labels, columns = heads of this KV head; kept in
-    # registers, plane by plane
+    # queries, transposed: rows = key labels, columns = heads of this KV head, plane by plane
     k_lab = gl.arange(0, W, layout=gl.SliceLayout(1, QL))
     heads_q = gl.arange(0, HEADS, layout=gl.SliceLayout(0, QL))
     q_col = Q + b * s_qb + (hk * n_heads_per_kv + heads_q)[None, :] * s_qh
     q_ok = (heads_q < n_heads_per_kv)[None, :]
-    q0 = _queries(q_col, q_ok, qscale, k_lab, 0, W)
-    q1 = q0
-    q2 = q0
-    q3 = q0
-    if PER > 1:
-        q1 = _queries(q_col, q_ok, qscale, k_lab, 1, W)
-    if PER > 2:
-        q2 = _queries(q_col, q_ok, qscale, k_lab, 2, W)
-        q3 = _queries(q_col, q_ok, qscale, k_lab, 3, W)
+
+    # the queries stay in shared memory (16-bit, by label) and are read back once per key
+    # group, instead of living in fp32 registers through the loop (session 15: 1.02-1.07x,
+    # with the runtime tile loop below); the first tile's barrier orders these stores before
+    # the loads
+    q_buf = gl.allocate_shared_memory(DT, [PER, W, HEADS], gl.SwizzledSharedLayout(1, 1, 1,
+                                                                                  [1, 0]))
+    for j in gl.static_range(PER):
+        q_buf.index(j).store(_queries(q_col, q_ok, k_lab, j, W))
 
     # the ring: NS stages of a tile's code words, positions and value scales/middles, and the
     # key scales/middles of the group a stage's tile opens
@@ -413,7 +415,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     qs3 = qs0
 
     for g0 in range(start, stop, GROUP):
-        for t in gl.static_range(TILES):
+        for t in range(TILES):   # a runtime loop: a quarter of the code of an unrolled one
             i = (g0 - start) // BN + t
             st = i % NS
             n0 = g0 + t * BN
@@ -423,15 +425,19 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                    km_buf, k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair,
                    ks_src, km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
             if t == 0:   # the group's B operands and column terms, plane by plane
+                q0 = q_buf.index(0).load(QL).to(gl.float32) * qscale
                 ksv = ks_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
                 kmv = km_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
                 qs0, z = _group_queries(q0, ksv.slice(0, W), kmv.slice(0, W), W, MAGIC_C, DT,
                                         QL, QB, GL)
                 if PER > 1:
+                    q1 = q_buf.index(1).load(QL).to(gl.float32) * qscale
                     qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W, MAGIC_C,
                                              DT, QL, QB, GL)
                     z += z1
                 if PER > 2:
+                    q2 = q_buf.index(2).load(QL).to(gl.float32) * qscale
+                    q3 = q_buf.index(3).load(QL).to(gl.float32) * qscale
                     qs2, z2 = _group_queries(q2, ksv.slice(2 * W, W), kmv.slice(2 * W, W), W,
                                              MAGIC_C, DT, QL, QB, GL)
                     qs3, z3 = _group_queries(q3, ksv.slice(3 * W, W), kmv.slice(3 * W, W), W,
