@@ -54,8 +54,8 @@ TILE = 32                  # slots per tile (the kernel's BN; 64 is no faster, s
 STAGES = 2                 # tiles in flight per program (the ring of async copies)
 # Register cap per code width (0: ptxas' choice).  A scheduler of an SM holds 16K registers:
 # at more than 168 registers per thread it fits 2 one-warp programs, at 168 or fewer 3, so that
-# 12 programs share an SM (``triton_decode.GLUON_PROGRAMS_PER_SM``; their rings fit its shared
-# memory).  With the queries in shared memory and the tiles of a key group in a runtime loop,
+# 12 programs can share an SM (their rings fit its shared memory; how many are launched:
+# ``triton_decode.GLUON_PROGRAMS_PER_SM``).  With the queries in shared memory and the tiles of a key group in a runtime loop,
 # ptxas takes 157 registers at 4 bits under the cap (168 without it) and 166 at 2 bits, with no
 # spills (H200, BENCHMARKS.md, issue 3, sessions 14 and 15).  With other warps to switch to, a
 # ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).
@@ -80,9 +80,12 @@ def supported(seg, q: torch.Tensor) -> bool:
                     for t in (seg.ks, seg.km) for i in range(3)))
 
 
-def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks) -> None:
+def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
+           pdl: tuple[bool, bool] = (False, False)) -> None:
     """Partials of segment ``seg`` into the buffers of ``triton_decode.decode`` (chunks
-    ``offset .. offset + count - 1`` of ``n_chunks``), chunks of ``chunk`` slots."""
+    ``offset .. offset + count - 1`` of ``n_chunks``), chunks of ``chunk`` slots.  ``pdl``:
+    (launched behind the previous kernel of the call, a kernel of the call follows), as
+    ``triton_decode.PDL`` decides."""
     B, H, _, D = q.shape
     Hkv = seg.kd.shape[1]
     W = D * seg.bits // 8
@@ -100,7 +103,8 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks) -> 
         BITS=seg.bits, GROUP=seg.group, D=D, W=W, HAS_BIAS=bias is not None,
         MAGIC_C=quant.float_magic(q.dtype, seg.bits)[1] + quant.middle_code(seg.bits),
         ASM=pairs_asm(seg.bits, q.dtype),
-        BN=TILE, NS=STAGES, **layouts(W, TILE), num_warps=1,
+        BN=TILE, NS=STAGES, **layouts(W, TILE), GDC_NEXT=pdl[1], GDC_WAIT=pdl[0],
+        launch_pdl=pdl[0], num_warps=1,
         **({"maxnreg": MAX_REGISTERS[seg.bits]} if MAX_REGISTERS[seg.bits] else {}))
 
 
@@ -328,7 +332,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               BN: gl.constexpr, NS: gl.constexpr, MMA: gl.constexpr, KEY: gl.constexpr,
               VALUE: gl.constexpr, QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr,
               KA: gl.constexpr, VA: gl.constexpr, PB: gl.constexpr, LANES: gl.constexpr,
-              VSMEM: gl.constexpr, VCOPY: gl.constexpr):
+              VSMEM: gl.constexpr, VCOPY: gl.constexpr, GDC_NEXT: gl.constexpr,
+              GDC_WAIT: gl.constexpr):
     """Partial softmax (max, denominator, accumulator) of one (sequence, KV head, chunk of
     slots), ``chunk`` a multiple of GROUP; the same outputs as ``triton_decode._partials``.
     KD/VD are the codes as int32 words, KS/KM [.., groups, D/2] and VS/VM [.., slots/2] the
@@ -338,7 +343,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     scores are kept in log2 units and the max is stored back in natural-log units.  Scores are
     computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: the slots fill the MMA's 16 rows,
     the heads its 8 columns.  ``MAGIC_C``: the codes' float offset (magic,
-    ``quant.float_magic``) plus the middle code (``quant.middle_code``)."""
+    ``quant.float_magic``) plus the middle code (``quant.middle_code``).  GDC_NEXT / GDC_WAIT:
+    the grid-dependency steps of a programmatic dependent launch (``triton_decode.PDL``)."""
     DT: gl.constexpr = Q.dtype.element_ty
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
@@ -350,6 +356,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     hk = bh % Hkv
     start = c * chunk
     stop = gl.minimum(start + chunk, P)
+    if GDC_NEXT:
+        _grid_dependency("griddepcontrol.launch_dependents;")
 
     # queries, transposed: rows = key labels, columns = heads of this KV head, plane by plane
     k_lab = gl.arange(0, W, layout=gl.SliceLayout(1, QL))
@@ -522,3 +530,11 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     if PER > 2:
         gl.store(out + 2 * W, acc2 + r_col, mask=h_ok)
         gl.store(out + 3 * W, acc3 + r_col, mask=h_ok)
+    if GDC_WAIT:   # this grid completes after the one it was launched behind
+        _grid_dependency("griddepcontrol.wait;")
+
+
+@gluon.jit
+def _grid_dependency(ASM: gl.constexpr):
+    """One ``griddepcontrol`` instruction (PTX; a no-op without a programmatic launch)."""
+    gl.inline_asm_elementwise(ASM + " // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)

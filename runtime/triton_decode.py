@@ -11,6 +11,8 @@ denominator, accumulator) goes to a scratch buffer; a second kernel merges the p
 every chunk of every segment (and, when its grid fits in one wave, attends the residual
 window itself: ``MERGE_RESIDUAL``).  Nothing of the cached length is materialized in full
 precision: the scratch holds ``chunks x g x d`` floats per (sequence, KV head).
+On sm_90+ the kernels of one call are chained by programmatic dependent launch (``PDL``), so
+that each starts on the SMs the previous one's programs leave.
 
 2- and 4-bit segments that ``gluon_decode.supported`` takes (bf16/fp16 queries, up to 8 query
 heads per KV head, head dim 64 or 128 ...) run ``gluon_decode._partials`` instead of
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import quant
 
@@ -49,12 +52,14 @@ FOUR_BIT_WARPS = 8            # 0: no such rule (a measurement knob)
 FOUR_BIT_PROGRAMS_PER_SM = 2
 USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conversion; measured)
 # 2- and 4-bit segments that ``gluon_decode.supported`` takes run the Gluon kernel instead of
-# ``_partials``: GLUON_PROGRAMS_PER_SM one-warp programs per SM, as many as fit at once
-# (``gluon_decode.MAX_REGISTERS``; 12 instead of 8: 1.10x at 4 bits, 1.05x at 2 bits, at 128K
-# batch 8 on an H200, BENCHMARKS.md, session 14); USE_GLUON = False: every segment on
-# ``_partials`` (a measurement knob).
+# ``_partials``: GLUON_PROGRAMS_PER_SM[bits] one-warp programs per SM (at most as many as fit
+# at once, ``gluon_decode.MAX_REGISTERS``).  Without PDL, 12 instead of 8 was 1.10x at 4 bits
+# and 1.05x at 2 bits at 128K batch 8 on an H200 (session 14); with PDL the 2-bit kernel's
+# programs take the SMs the 4-bit kernel's leave, and 8 at 4 bits was 1.02-1.05x at batch 8
+# and the same at batch 1 (session 17).  USE_GLUON = False: every segment on ``_partials``
+# (a measurement knob).
 USE_GLUON = True
-GLUON_PROGRAMS_PER_SM = 12
+GLUON_PROGRAMS_PER_SM = {4: 8, 2: 12}   # by code width
 # The merge: one program per query head and MERGE_BLOCK_D channels, MERGE_BLOCK_C chunks at a
 # time (one program per query head took 29 us at 128K batch 1 over ~500 chunks, this 6 us;
 # H100, BENCHMARKS.md).
@@ -69,6 +74,15 @@ MERGE_BLOCK_C = 128
 MERGE_RESIDUAL = True
 MERGE_RESIDUAL_SLOTS = 1024
 MERGE_RESIDUAL_BLOCK = 64
+# Programmatic dependent launch (sm_90+, CUDA): every kernel of a call after the first is
+# launched behind the previous one, which lets it launch as soon as that kernel's programs have
+# started (``griddepcontrol.launch_dependents``), so that its programs take the SMs the
+# previous kernel's last programs leave and the merge attends the residual window while the
+# partials finish.  Each of them waits (``griddepcontrol.wait``) for the kernel it was launched
+# behind: a partial kernel before it exits (the partial kernels write disjoint chunks and read
+# nothing the previous one writes), the merge before it reads the partials.  So every kernel
+# of a call completes after the previous one, and the merge reads every partial.
+PDL = True
 
 
 def problem(q: torch.Tensor, segs) -> str:
@@ -200,14 +214,16 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               QR: tl.constexpr, BLOCK: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC_BITS: tl.constexpr,
               MAGIC: tl.constexpr, CENTER: tl.constexpr, STAGES: tl.constexpr,
-              A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr):
+              A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr,
+              GDC_NEXT: tl.constexpr, GDC_WAIT: tl.constexpr):
     """Partial softmax of one (sequence, KV head, chunk).  Quantized keys are never
     dequantized: with per-channel scale s and middle value z constant over a tile (tiles lie
     inside one key group) and c the middle code, q.k = (q * s).(code - c) + q.z; values with one
     scale per token likewise, p.v = (p * s_v).(code - c) + p.z_v.  Codes are read plane by
     plane (``quant`` packs channel ``j * W + i`` into byte i), so a plane is one shift and mask
     of the bytes and one ``tl.dot`` of W channels; the planes' results are never interleaved
-    in registers."""
+    in registers.  GDC_NEXT / GDC_WAIT: the grid-dependency steps of a programmatic dependent
+    launch (``PDL``)."""
     DT: tl.constexpr = Q.dtype.element_ty
     PER: tl.constexpr = 8 // BITS if BITS < 16 else 1
     MAGIC_C: tl.constexpr = MAGIC + CENTER
@@ -216,6 +232,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     c = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
+    if GDC_NEXT:
+        gdc_launch_dependents()
     rows = tl.arange(0, QR)
     w = tl.arange(0, W)
     row_ok = rows < n_heads_per_kv
@@ -309,6 +327,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     if PER > 2:
         tl.store(acc_ptr + 2 * W, acc2, mask=row_ok[:, None])
         tl.store(acc_ptr + 3 * W, acc3, mask=row_ok[:, None])
+    if GDC_WAIT:   # this grid completes after the one it was launched behind
+        gdc_wait()
 
 
 @triton.jit
@@ -316,13 +336,14 @@ def _merge(M, L, ACC, OUT, Q, RK, RV, RPOS, BIAS, Hkv, n_heads_per_kv, n_chunks,
            r_base, scale, s_ob, s_oh, s_qb, s_qh, s_rkb, s_rkh, s_rvb, s_rvh, s_pb, s_bb,
            D: tl.constexpr, QR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
            HAS_RES: tl.constexpr, HAS_RPOS: tl.constexpr, HAS_BIAS: tl.constexpr,
-           BLOCK_R: tl.constexpr):
+           BLOCK_R: tl.constexpr, GDC_WAIT: tl.constexpr):
     """One program per (query head, BLOCK_D channels): merge the partials of every chunk of
     every segment (split over channels so that a batch-1 call still has enough programs).
     HAS_RES: the residual window (16-bit K/V [B, Hkv, r_slots, D], slot stride D, positions
     RPOS [B, r_slots] or ``r_base + slot``) is attended here first, in fp32, instead of by a
     partial kernel of its own (each of a head's D / BLOCK_D programs computes the same
-    scores: a few hundred slots)."""
+    scores: a few hundred slots).  GDC_WAIT: launched behind the partial kernels (``PDL``):
+    the window is attended while they finish, the partials are read after they have."""
     bh = tl.program_id(0)
     row = tl.program_id(1)
     b = bh // Hkv
@@ -355,6 +376,8 @@ def _merge(M, L, ACC, OUT, Q, RK, RV, RPOS, BIAS, Hkv, n_heads_per_kv, n_chunks,
             acc = acc * w_run + tl.sum(p[:, None] * v, axis=0)
             l_run = l_run * w_run + tl.sum(p, axis=0)
             m_run = m_new
+    if GDC_WAIT:
+        gdc_wait()
     for c0 in tl.range(0, n_chunks, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         ok = cs < n_chunks
@@ -436,7 +459,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     plans = []  # (chunk length, number of chunks, tile, launch options) per segment
     for seg, tile, on_gluon in zip(segs, tile_of, gluon):
         if on_gluon:  # chunks of whole key groups, GLUON_PROGRAMS_PER_SM programs per SM
-            plans.append((*_chunking(seg.slots, B * Hkv, GLUON_PROGRAMS_PER_SM * sms,
+            plans.append((*_chunking(seg.slots, B * Hkv, GLUON_PROGRAMS_PER_SM[seg.bits] * sms,
                                      seg.group), tile, {}))
             continue
         per_sm, by_slots, options = _launch(seg.bits, q.dtype, large)
@@ -444,6 +467,10 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         share = max(1, share)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile, options))
     n_chunks = sum(n for _, n, _, _ in plans)
+    pdl = PDL and q.is_cuda and torch.version.hip is None and \
+        torch.cuda.get_device_capability(q.device) >= (9, 0)
+    # (launched behind the previous kernel, a kernel follows) of the i-th kernel of the call
+    steps = [(pdl and i > 0, pdl and i < len(plans)) for i in range(len(plans) + 1)]
     # (one element at least: no chunks when the residual window is the whole cache)
     m = torch.empty(max(1, B * Hkv * QROWS * n_chunks), device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
@@ -451,10 +478,10 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
                       dtype=torch.float32)
     dummy = q.new_empty(1)
     offset = 0
-    for seg, (chunk, count, tile, options), on_gluon in zip(segs, plans, gluon):
+    for seg, (chunk, count, tile, options), on_gluon, step in zip(segs, plans, gluon, steps):
         if on_gluon:
             gluon_decode.launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
-                                n_chunks)
+                                n_chunks, step)
             offset += count
             continue
         quantized = seg.bits < 16
@@ -481,7 +508,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
             HAS_POS=seg.pos is not None, HAS_BIAS=bias is not None,
             IEEE=q.dtype == torch.float32, MAGIC_BITS=magic_bits, MAGIC=magic,
             CENTER=quant.middle_code(seg.bits) if quantized else 0.0,
-            STAGES=NUM_STAGES, **options, **asm)
+            STAGES=NUM_STAGES, GDC_NEXT=step[1], GDC_WAIT=step[0], launch_pdl=step[0],
+            **options, **asm)
         offset += count
     out = q.new_empty(B, H, 1, D)
     if res is not None:
@@ -497,7 +525,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         q.stride(1), *r_strides, rpos.stride(0) if rpos is not None else 0,
         bias.stride(0) if bias is not None else 0, D=D, QR=QROWS, BLOCK_C=MERGE_BLOCK_C,
         BLOCK_D=block_d, HAS_RES=res is not None, HAS_RPOS=rpos is not None,
-        HAS_BIAS=bias is not None, BLOCK_R=MERGE_RESIDUAL_BLOCK)
+        HAS_BIAS=bias is not None, BLOCK_R=MERGE_RESIDUAL_BLOCK, GDC_WAIT=steps[-1][0],
+        launch_pdl=steps[-1][0])
     return out
 
 

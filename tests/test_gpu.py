@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import zipvl_compile
-from conftest import planted_qkv
+from conftest import load_benchmark, planted_qkv
 from toy import index_built_mask_sdpa, padding_mask
 from zipvl_compile import ZipVLConfig, reference
 
@@ -285,10 +285,55 @@ def test_triton_decode_residual_window_in_the_merge_or_alone(dtype, in_merge, mo
     assert rel_err(out, ref) < DECODE_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,in_merge", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                            (torch.float32, True)])
+def test_triton_decode_programmatic_launches_equal_plain_ones(dtype, in_merge, monkeypatch):
+    """PDL (every kernel of a call launched behind the previous one, sm_90+): the same output,
+    bit for bit, as plain launches, eagerly and replayed from a CUDA graph, over a 32K cache
+    (long partial kernels: a merge that read the partials before they were written would
+    differ) with 3 or 4 kernels per call: Gluon (bf16) or Triton (fp32) partials of two
+    segments, the residual window's own partial kernel or not, and the merge."""
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import triton_decode
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    monkeypatch.setattr(triton_decode, "MERGE_RESIDUAL", in_merge)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    B, Hkv, n, d = 1, 4, 32768, 128
+    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)
+    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
+    q = torch.randn(B, 28, 1, d, device="cuda", dtype=dtype, generator=gen)
+    segs = da.segments(*args)
+    assert len(segs) == 3 and segs[-1].residual
+
+    def call():
+        return torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
+
+    monkeypatch.setattr(triton_decode, "PDL", False)
+    plain = call()
+    monkeypatch.setattr(triton_decode, "PDL", True)
+    eager = call()
+    assert any(kern.metadata.launch_pdl for entry in triton_decode._merge.device_caches.values()
+               for kern in entry[0].values())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = call()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, plain)
+    assert torch.equal(eager, plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hb,lb", [(4, 2), (2, 2)])
 def test_gluon_decode_over_long_chunks(dtype, hb, lb, monkeypatch):
-    """One program per (sequence, KV head) and segment (GLUON_PROGRAMS_PER_SM = 0): chunks of
+    """One program per (sequence, KV head) and segment (GLUON_PROGRAMS_PER_SM of 0): chunks of
     128 groups, 512 tiles.  A first version that accumulated p @ v across tiles inside the
     tensor cores differed from the Triton kernel by 0.32 (relative) over 32-group chunks at
     128K (diffuse attention over random K/V: the output is small against magic * sum(p * s));
@@ -298,7 +343,7 @@ def test_gluon_decode_over_long_chunks(dtype, hb, lb, monkeypatch):
 
     if triton_decode._gluon_decode() is None:
         pytest.skip("this Triton has no Gluon")
-    monkeypatch.setattr(triton_decode, "GLUON_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(triton_decode, "GLUON_PROGRAMS_PER_SM", {4: 0, 2: 0})
     gen = torch.Generator(device="cuda").manual_seed(hb * 10 + lb)
     B, Hkv, n, d = 1, 2, 32768, 128
     k = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)

@@ -46,6 +46,9 @@ if hasattr(gd, "plane8_asm"):   # the int8-MMA key variant
     const.update(MIDDLE=quant.middle_code(bits),
                  **{f"KA{j}": gd.plane8_asm(bits, min(j, 8 // bits - 1)) for j in range(4)})
 fn = gd._partials
+# the grid-dependency flags of later kernels (session 17): env GDC_NEXT / GDC_WAIT, 0 or 1
+const.update({k: bool(int(os.environ.get(k, 0))) for k in ("GDC_NEXT", "GDC_WAIT")
+              if k in fn.arg_names})
 pointers = {"Q": "*bf16" if dt == torch.bfloat16 else "*fp16", "BIAS": "*fp32",
             "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32"}
 sig, attrs = {}, {}
