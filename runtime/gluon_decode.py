@@ -47,6 +47,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import quant
 
@@ -55,10 +56,11 @@ STAGES = 2                 # tiles in flight per program (the ring of async copi
 # Register cap per code width (0: ptxas' choice).  A scheduler of an SM holds 16K registers:
 # at more than 168 registers per thread it fits 2 one-warp programs, at 168 or fewer 3, so that
 # 12 programs can share an SM (their rings fit its shared memory; how many are launched:
-# ``triton_decode.GLUON_PROGRAMS_PER_SM``).  With the queries in shared memory and the tiles of a key group in a runtime loop,
-# ptxas takes 157 registers at 4 bits under the cap (168 without it) and 166 at 2 bits, with no
-# spills (H200, BENCHMARKS.md, issue 3, sessions 14 and 15).  With other warps to switch to, a
-# ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).
+# ``triton_decode.GLUON_PROGRAMS_PER_SM``).  With the queries in shared memory and the tiles
+# of a key group in a runtime loop, ptxas takes 157 registers at 4 bits under the cap (168
+# without it) and 166 at 2 bits, with no spills (H200, BENCHMARKS.md, issue 3, sessions 14 and
+# 15).  With other warps to switch to, a ring of 2 (one tile ahead) is as fast as 3 or 4
+# (session 14).
 MAX_REGISTERS = {4: 168, 2: 0}
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
@@ -357,7 +359,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     start = c * chunk
     stop = gl.minimum(start + chunk, P)
     if GDC_NEXT:
-        _grid_dependency("griddepcontrol.launch_dependents;")
+        gdc_launch_dependents()
 
     # queries, transposed: rows = key labels, columns = heads of this KV head, plane by plane
     k_lab = gl.arange(0, W, layout=gl.SliceLayout(1, QL))
@@ -531,10 +533,4 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
         gl.store(out + 2 * W, acc2 + r_col, mask=h_ok)
         gl.store(out + 3 * W, acc3 + r_col, mask=h_ok)
     if GDC_WAIT:   # this grid completes after the one it was launched behind
-        _grid_dependency("griddepcontrol.wait;")
-
-
-@gluon.jit
-def _grid_dependency(ASM: gl.constexpr):
-    """One ``griddepcontrol`` instruction (PTX; a no-op without a programmatic launch)."""
-    gl.inline_asm_elementwise(ASM + " // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gdc_wait()

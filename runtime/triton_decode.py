@@ -444,7 +444,8 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     Hkv = segs[0].kd.shape[1]
     g = H // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    props = torch.cuda.get_device_properties(q.device) if q.is_cuda else None
+    sms = props.multi_processor_count if props is not None else 4
     block_d = min(D, MERGE_BLOCK_D)
     merge_grid = (B * Hkv, g, D // block_d)
     one_wave = merge_grid[0] * merge_grid[1] * merge_grid[2] <= sms
@@ -467,8 +468,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         share = max(1, share)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile, options))
     n_chunks = sum(n for _, n, _, _ in plans)
-    pdl = PDL and q.is_cuda and torch.version.hip is None and \
-        torch.cuda.get_device_capability(q.device) >= (9, 0)
+    pdl = PDL and props is not None and torch.version.hip is None and props.major >= 9
     # (launched behind the previous kernel, a kernel follows) of the i-th kernel of the call
     steps = [(pdl and i > 0, pdl and i < len(plans)) for i in range(len(plans) + 1)]
     # (one element at least: no chunks when the residual window is the whole cache)
