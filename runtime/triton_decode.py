@@ -60,6 +60,15 @@ USE_MAGIC = True      # integer-op code-to-float conversion (False: plain conver
 # (a measurement knob).
 USE_GLUON = True
 GLUON_PROGRAMS_PER_SM = {4: 8, 2: 12}   # by code width
+# Small problems: when that rule leaves some Gluon segment with chunks of fewer than
+# GLUON_SHORT_CHUNK_SLOTS slots, the Gluon segments share GLUON_SHORT_PROGRAMS_PER_SM programs
+# per SM by slots instead: fewer, longer programs.  At batch 1, 4/2 on an H200 this was
+# 1.08x at 64K and 128K (8 + 12 per SM gives 2048 programs of 8 tiles there, more than one
+# wave) and 1.00-1.02x everywhere else measured (batch 1-8, 32K-128K, 4/2 and 4/0); a
+# threshold of 512 slots lost 3% at 32K batch 8, 6 programs per SM up to 19% (BENCHMARKS.md,
+# issue 3, session 18).  0: no such rule (a measurement knob).
+GLUON_SHORT_CHUNK_SLOTS = 384
+GLUON_SHORT_PROGRAMS_PER_SM = 8
 # The merge: one program per query head and MERGE_BLOCK_D channels, MERGE_BLOCK_C chunks at a
 # time (one program per query head took 29 us at 128K batch 1 over ~500 chunks, this 6 us;
 # H100, BENCHMARKS.md).
@@ -426,6 +435,21 @@ def _chunking(slots: int, programs_per_chunk: int, target_programs: int,
     return chunk, _cdiv(slots, chunk)
 
 
+def _gluon_programs(segs, gluon: list[bool], rows: int, sms: int) -> list[int]:
+    """Programs to launch for each segment on the Gluon kernel (0 for the others):
+    GLUON_PROGRAMS_PER_SM[bits] per SM, or, when that gives chunks shorter than
+    GLUON_SHORT_CHUNK_SLOTS, a share by slots of GLUON_SHORT_PROGRAMS_PER_SM per SM;
+    ``rows``: sequences x KV heads."""
+    own = [GLUON_PROGRAMS_PER_SM[s.bits] * sms if on else 0 for s, on in zip(segs, gluon)]
+    short = any(n and _chunking(s.slots, rows, n, s.group)[0] < GLUON_SHORT_CHUNK_SLOTS
+                for s, n in zip(segs, own))
+    if not short:
+        return own
+    slots = sum(s.slots for s, on in zip(segs, gluon) if on)
+    return [max(1, GLUON_SHORT_PROGRAMS_PER_SM * sms * s.slots // slots) if on else 0
+            for s, on in zip(segs, gluon)]
+
+
 def _launch(bits: int, dtype: torch.dtype, large: bool) -> tuple[int, bool, dict]:
     """(programs per SM, whether the segments share them by slots, Triton launch options) of
     one segment's partial kernel; ``large``: the whole problem has at least
@@ -457,11 +481,11 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
     gluon_decode = _gluon_decode() if USE_GLUON else None
     gluon = [gluon_decode is not None and gluon_decode.supported(s, q) for s in segs]
+    gluon_programs = _gluon_programs(segs, gluon, B * Hkv, sms)
     plans = []  # (chunk length, number of chunks, tile, launch options) per segment
-    for seg, tile, on_gluon in zip(segs, tile_of, gluon):
-        if on_gluon:  # chunks of whole key groups, GLUON_PROGRAMS_PER_SM programs per SM
-            plans.append((*_chunking(seg.slots, B * Hkv, GLUON_PROGRAMS_PER_SM[seg.bits] * sms,
-                                     seg.group), tile, {}))
+    for seg, tile, on_gluon, programs in zip(segs, tile_of, gluon, gluon_programs):
+        if on_gluon:  # chunks of whole key groups
+            plans.append((*_chunking(seg.slots, B * Hkv, programs, seg.group), tile, {}))
             continue
         per_sm, by_slots, options = _launch(seg.bits, q.dtype, large)
         share = per_sm * sms * seg.slots // max(total_slots, 1) if by_slots else per_sm * sms

@@ -364,6 +364,36 @@ def test_gluon_decode_over_long_chunks(dtype, hb, lb, monkeypatch):
     assert rel_err(out, ref) < DECODE_TOL[dtype]
 
 
+def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monkeypatch):
+    """At 64K batch 1, 4/2, the per-width rule (8 + 12 programs per SM) gives chunks of one key
+    group; the short-chunk rule (``GLUON_SHORT_CHUNK_SLOTS``) shares 8 per SM by slots, chunks
+    of two groups.  Both match the fp32 reference."""
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import triton_decode
+
+    if triton_decode._gluon_decode() is None:
+        pytest.skip("this Triton has no Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(18)
+    B, Hkv, n, d = 1, 4, 65536, 128
+    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
+    q = torch.randn(B, 28, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    segs = da.segments(*args)
+    quantized = [s for s in segs if s.bits < 16]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    ref = da.reference(q.float(), fp32_segments(segs), None, d ** -0.5)
+    chunks = {}
+    for rule in (0, triton_decode.GLUON_SHORT_CHUNK_SLOTS):
+        monkeypatch.setattr(triton_decode, "GLUON_SHORT_CHUNK_SLOTS", rule)
+        programs = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
+        chunks[rule] = [triton_decode._chunking(s.slots, B * Hkv, p, s.group)[0]
+                        for s, p in zip(quantized, programs)]
+        out = torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
+        assert rel_err(out, ref) < DECODE_TOL[torch.bfloat16]
+    assert max(chunks[0]) < rule and min(chunks[rule]) > max(chunks[0])
+
+
 @torch.no_grad()
 def test_compiled_generate_with_zipvl_cache_on_cuda():
     """LLaVA (random weights, fp32) on CUDA: the fused Triton decode reads a 16/16 cache to the
