@@ -229,6 +229,9 @@ def _(budget, kept_idx, site, cache_token, cache_layer, cache_k, cache_v):
     return torch.empty_like(budget)
 
 
+FLEX_BLOCK = 128   # rows and keys per block of the FlexAttention block mask
+
+
 def prefix_causal_block_mask(budget: torch.Tensor, n: int, block: int = 128):
     """BlockMask of causal attention over the first ``budget[b]`` rows of each sequence.
 
@@ -266,11 +269,18 @@ def sparse_prefill_flex(q, k, v, kept_idx, budget, *, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     B, H, n, _ = q.shape
+    # buffers of whole 128-row blocks: FlexAttention's results over a length that is not a
+    # multiple of its block size varied from call to call on CPU (torch 2.13; pytorch#159247).
+    # The rows gathered past n repeat kept_idx's first entry: they lie past every budget, so
+    # no kept query sees them as keys (causal order) and their own rows are discarded.
+    padded = -(-n // FLEX_BLOCK) * FLEX_BLOCK
+    pad_idx = torch.cat([kept_idx, kept_idx[:, :1].expand(B, padded - n)], dim=1)
     outs = []
     for b in range(B):
-        idx = kept_idx[b:b + 1]
+        idx = pad_idx[b:b + 1]
         q_c, k_c, v_c = (gather_rows(x[b:b + 1], idx).contiguous() for x in (q, k, v))
         outs.append(flex_attention(q_c, k_c, v_c, scale=scale, enable_gqa=k.shape[1] != H,
-                                   block_mask=prefix_causal_block_mask(budget[b:b + 1], n)))
+                                   block_mask=prefix_causal_block_mask(budget[b:b + 1], padded,
+                                                                       FLEX_BLOCK)))
     out = outs[0] if B == 1 else torch.cat(outs, dim=0)
-    return scatter_rows(_zero_rows_beyond(out, budget), kept_idx, n)
+    return scatter_rows(_zero_rows_beyond(out[:, :, :n], budget), kept_idx, n)
