@@ -232,7 +232,7 @@ def _(budget, kept_idx, site, cache_token, cache_layer, cache_k, cache_v):
 FLEX_BLOCK = 128   # rows and keys per block of the FlexAttention block mask
 
 
-def prefix_causal_block_mask(budget: torch.Tensor, n: int, block: int = 128):
+def prefix_causal_block_mask(budget: torch.Tensor, n: int, block: int = FLEX_BLOCK):
     """BlockMask of causal attention over the first ``budget[b]`` rows of each sequence.
 
     Built with tensor ops from the device budget (no tensor is captured by the mask_mod, which
@@ -280,7 +280,6 @@ def sparse_prefill_flex(q, k, v, kept_idx, budget, *, scale):
         idx = pad_idx[b:b + 1]
         q_c, k_c, v_c = (gather_rows(x[b:b + 1], idx).contiguous() for x in (q, k, v))
         outs.append(flex_attention(q_c, k_c, v_c, scale=scale, enable_gqa=k.shape[1] != H,
-                                   block_mask=prefix_causal_block_mask(budget[b:b + 1], padded,
-                                                                       FLEX_BLOCK)))
+                                   block_mask=prefix_causal_block_mask(budget[b:b + 1], padded)))
     out = outs[0] if B == 1 else torch.cat(outs, dim=0)
     return scatter_rows(_zero_rows_beyond(out[:, :, :n], budget), kept_idx, n)

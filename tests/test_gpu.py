@@ -381,6 +381,7 @@ def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monk
     q = torch.randn(B, 28, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     segs = da.segments(*args)
     quantized = [s for s in segs if s.bits < 16]
+    assert all(triton_decode._gluon_decode().supported(s, q) for s in quantized)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     ref = da.reference(q.float(), fp32_segments(segs), None, d ** -0.5)
     chunks = {}
