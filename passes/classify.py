@@ -31,8 +31,6 @@ def dense_reason(site: AttentionSite, kernel: str, sparse_queries: bool = True) 
                 "kept queries only)")
     if kernel == "flex" and value(site.q).is_cuda and not statically_known_true(q[-1] >= 16):
         return "head dim < 16 is not supported by FlexAttention on CUDA (graph-capturable kernel)"
-    if kernel == "flex" and not isinstance(q[0], int):
-        return "symbolic batch size on the graph-capturable kernel (it runs one call per sequence)"
     if site.attn_mask is None and not site.is_causal:
         return "non-causal attention without a mask (encoder)"
     if isinstance(site.scale, fx.Node):

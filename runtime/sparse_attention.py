@@ -232,54 +232,63 @@ def _(budget, kept_idx, site, cache_token, cache_layer, cache_k, cache_v):
 FLEX_BLOCK = 128   # rows and keys per block of the FlexAttention block mask
 
 
-def prefix_causal_block_mask(budget: torch.Tensor, n: int, block: int = FLEX_BLOCK):
-    """BlockMask of causal attention over the first ``budget[b]`` rows of each sequence.
+def prefix_causal_block_mask(budget: torch.Tensor, heads: int, n: int,
+                             block: int = FLEX_BLOCK):
+    """BlockMask over B * heads heads (head ``b * heads + h``: head h of sequence b) of causal
+    attention over the first ``budget[b]`` rows of ``n`` (a multiple of ``block``).
 
     Built with tensor ops from the device budget (no tensor is captured by the mask_mod, which
     is plain causal): query blocks at or past the budget get no key blocks at all, blocks below
-    the diagonal are full, the diagonal block is masked causally.  Rows inside the last active
-    block but past the budget are computed and must be discarded by the caller."""
+    the diagonal are full, the diagonal block is masked causally.  Only the block counts depend
+    on the budget; the block indices are the same for every head and are broadcast views (no
+    memory of B * heads * (n / block)^2).  Rows inside the last active block but past the
+    budget are computed and must be discarded by the caller.  Forward only (no transposed
+    indices for a backward pass)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B = budget.shape[0]
-    nb = (n + block - 1) // block
+    nb = n // block
     qb = torch.arange(nb, device=budget.device)
-    active = (qb[None, :] * block < budget[:, None])[:, None, :]  # [B, 1, nb]
-    kv_idx = torch.arange(nb, device=budget.device, dtype=torch.int32)
-    full_num = torch.where(active, qb.to(torch.int32), 0)
-    full_idx = kv_idx.expand(B, 1, nb, nb).contiguous()
-    diag_num = active.to(torch.int32)
-    diag_idx = torch.cat([qb.to(torch.int32)[:, None], kv_idx[None, :].expand(nb, nb)[:, 1:]],
-                         dim=1).expand(B, 1, nb, nb).contiguous()
+    active = (qb[None, :] * block < budget[:, None]).repeat_interleave(heads, dim=0)  # [B*h, nb]
+    shape = (1, B * heads, nb, nb)
+    # row r: full blocks 0 .. r - 1, then its diagonal block r (only the first entry is read)
+    full_idx = qb.to(torch.int32).expand(shape)
+    diag_idx = qb.to(torch.int32)[:, None].expand(shape)
 
     def causal(b, h, qi, ki):
         return ki <= qi
 
-    return BlockMask.from_kv_blocks(diag_num, diag_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=causal, seq_lengths=(n, n))
+    return BlockMask.from_kv_blocks(
+        active.to(torch.int32)[None], diag_idx,
+        torch.where(active, qb[None, :], 0).to(torch.int32)[None], full_idx,
+        BLOCK_SIZE=block, mask_mod=causal, seq_lengths=(n, n), compute_q_blocks=False)
 
 
 def sparse_prefill_flex(q, k, v, kept_idx, budget, *, scale):
     """Graph-capturable kernel: compacted causal attention with the budget on the device
     (``sparse_queries`` mode, causal attention among kept tokens; see module docstring).
 
-    One FlexAttention call per sequence, each on its own gathered buffers: a batched call
-    (CUDA) and calls on batch slices (storage offset; CPU and CUDA) read the wrong sequence in
-    torch 2.11-2.13."""
+    One FlexAttention call for the whole batch, any batch size (also a symbolic one): each
+    sequence's kept rows are gathered into buffers of whole ``FLEX_BLOCK``-row blocks, and the
+    batch is folded into the heads (query head h of sequence b is head ``b * H + h``, which
+    with GQA reads KV head ``b * Hkv + h // (H / Hkv)``: the same sequence).  (A batched call
+    read the wrong sequence on CUDA, and calls on batch slices, with a storage offset, on CPU
+    and CUDA, in torch 2.11-2.13.)"""
     from torch.nn.attention.flex_attention import flex_attention
 
     B, H, n, _ = q.shape
-    # buffers of whole 128-row blocks: FlexAttention's results over a length that is not a
-    # multiple of its block size varied from call to call on CPU (torch 2.13; pytorch#159247).
-    # The rows gathered past n repeat kept_idx's first entry: they lie past every budget, so
-    # no kept query sees them as keys (causal order) and their own rows are discarded.
+    # whole 128-row blocks: FlexAttention's results over a length that is not a multiple of
+    # its block size varied from call to call on CPU (torch 2.13; pytorch#159247).  The rows
+    # gathered past n repeat kept_idx's first entry: they lie past every budget, so no kept
+    # query sees them as keys (causal order) and their own rows are discarded.
     padded = -(-n // FLEX_BLOCK) * FLEX_BLOCK
     pad_idx = torch.cat([kept_idx, kept_idx[:, :1].expand(B, padded - n)], dim=1)
-    outs = []
-    for b in range(B):
-        idx = pad_idx[b:b + 1]
-        q_c, k_c, v_c = (gather_rows(x[b:b + 1], idx).contiguous() for x in (q, k, v))
-        outs.append(flex_attention(q_c, k_c, v_c, scale=scale, enable_gqa=k.shape[1] != H,
-                                   block_mask=prefix_causal_block_mask(budget[b:b + 1], padded)))
-    out = outs[0] if B == 1 else torch.cat(outs, dim=0)
-    return scatter_rows(_zero_rows_beyond(out[:, :, :n], budget), kept_idx, n)
+
+    def heads_of_batch(x):  # [B, h, n, d] -> [1, B * h, padded, d], contiguous
+        return gather_rows(x, pad_idx).reshape(1, B * x.shape[1], padded, x.shape[3])
+
+    out = flex_attention(heads_of_batch(q), heads_of_batch(k), heads_of_batch(v), scale=scale,
+                         enable_gqa=k.shape[1] != H,
+                         block_mask=prefix_causal_block_mask(budget, H, padded))
+    out = out.view(B, H, padded, -1)[:, :, :n]
+    return scatter_rows(_zero_rows_beyond(out, budget), kept_idx, n)
