@@ -14,8 +14,8 @@ How, without changing the cache format (``quant``: planes, byte ``p`` of a token
 ``p + j * W`` of plane ``j``):
 
 - codes are read as 32-bit words and turned into 16-bit floats two words at a time
-  (``pairs_asm``): each output register holds the same byte of both words, so the pair an MMA
-  operand register holds is chosen by which two words meet.
+  (``quant.pairs_asm``): each output register holds the same byte of both words, so the pair an
+  MMA operand register holds is chosen by which two words meet.
 - scores are computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: keys are the A operand
   (slots fill the MMA's 16 rows, up to 8 query heads its 8 columns).  A thread reads 16
   contiguous bytes of one slot (8 at W = 32); the operand layout holds them once the channels
@@ -58,10 +58,15 @@ STAGES = 2                 # tiles in flight per program (the ring of async copi
 # 12 programs can share an SM (their rings fit its shared memory; how many are launched:
 # ``triton_decode.GLUON_PROGRAMS_PER_SM``).  With the queries in shared memory and the tiles
 # of a key group in a runtime loop, ptxas takes 157 registers at 4 bits under the cap (168
-# without it) and 166 at 2 bits, with no spills (H200, BENCHMARKS.md, issue 3, sessions 14 and
-# 15).  With other warps to switch to, a ring of 2 (one tile ahead) is as fast as 3 or 4
-# (session 14).
-MAX_REGISTERS = {4: 168, 2: 0}
+# without it) and at 2 bits, with the sums kept per slot (``SUM_LATE``), 168 (208 without
+# it), with no spills (H200, BENCHMARKS.md, issue 3, sessions 14, 15 and 19; offline sm_90
+# compiles with Triton 3.6's ptxas).  With other warps to switch to, a ring of 2 (one tile
+# ahead) is as fast as 3 or 4 (session 14).
+MAX_REGISTERS = {4: 168, 2: 168}
+# Per code width: the tile's running sums over slots (softmax denominator, value column terms)
+# kept per slot and reduced across lanes once per program instead of once per tile.  At 2 bits
+# 1.04x at 128K batch 1 on 4/2; at 4 bits 0.97x (H200, BENCHMARKS.md, issue 3, session 19).
+SUM_LATE = {4: False, 2: True}
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
 LOG2E = 1.4426950408889634
@@ -90,7 +95,6 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
     ``triton_decode.PDL`` decides."""
     B, H, _, D = q.shape
     Hkv = seg.kd.shape[1]
-    W = D * seg.bits // 8
     kw, vw = seg.kd.view(torch.int32), seg.vd.view(torch.int32)   # 4 code bytes per word
     # fp16 scales and middles copied as int32 pairs (two channels of a key group, two slots)
     ks, km = seg.ks.view(torch.int32), seg.km.view(torch.int32)
@@ -102,12 +106,24 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
         offset, n_chunks, scale * LOG2E, q.stride(0), q.stride(1), *kw.stride()[:2],
         *ks.stride()[:3], *vw.stride()[:2], *vs.stride()[:2], seg.pos.stride(0),
         bias.stride(0) if bias is not None else 0,
-        BITS=seg.bits, GROUP=seg.group, D=D, W=W, HAS_BIAS=bias is not None,
-        MAGIC_C=quant.float_magic(q.dtype, seg.bits)[1] + quant.middle_code(seg.bits),
-        ASM=pairs_asm(seg.bits, q.dtype),
-        BN=TILE, NS=STAGES, **layouts(W, TILE), GDC_NEXT=pdl[1], GDC_WAIT=pdl[0],
-        launch_pdl=pdl[0], num_warps=1,
-        **({"maxnreg": MAX_REGISTERS[seg.bits]} if MAX_REGISTERS[seg.bits] else {}))
+        **constants(seg.bits, q.dtype, D, seg.group, bias is not None),
+        GDC_NEXT=pdl[1], GDC_WAIT=pdl[0], launch_pdl=pdl[0], **options(seg.bits))
+
+
+def constants(bits: int, dtype: torch.dtype, d: int, group: int, has_bias: bool) -> dict:
+    """The constexprs of ``_partials`` but the grid-dependency flags, for codes of ``bits``
+    bits, 16-bit queries of ``dtype`` and head dim ``d`` (also what an offline compile of the
+    kernel passes)."""
+    W = d * bits // 8
+    return dict(BITS=bits, GROUP=group, D=d, W=W, HAS_BIAS=has_bias,
+                **plane_constants(bits, dtype), BN=TILE, NS=STAGES, SUM_LATE=SUM_LATE[bits],
+                **layouts(W, TILE))
+
+
+def options(bits: int) -> dict:
+    """Launch options of ``_partials`` for codes of ``bits`` bits."""
+    cap = MAX_REGISTERS[bits]
+    return {"num_warps": 1, **({"maxnreg": cap} if cap else {})}
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,35 +180,14 @@ def layouts(W: int, BN: int) -> dict:
                 VCOPY=v_copy)
 
 
-@functools.lru_cache(maxsize=None)
-def pairs_asm(bits: int, dtype: torch.dtype) -> str:
-    """PTX turning two words of packed code bytes ``a``, ``b`` (``$N``, ``$N+1``) into 16-bit
-    floats in pairs: output ``4 * j + i`` (plane j, byte i) holds the code of plane j in byte i
-    of ``a`` (low half) and of ``b`` (high half): bf16 ``magic + code`` (0x43 above each code),
-    fp16 the code (0x64 above it, minus 1024).  Two permutes interleave the words' bytes, then
-    per plane and register a shift (after plane 0), a mask and one permute each half."""
-    per = 8 // bits
-    n_out = 4 * per
-    a, b = f"${n_out}", f"${n_out + 1}"
-    high = 0x43 if dtype == torch.bfloat16 else 0x64
-    fill = f"0x{high:02X}{high:02X}{high:02X}{high:02X}"
-    mask = "0x" + f"{(1 << bits) - 1:02X}" * 4
-    lines = [f"prmt.b32 t0, {a}, {b}, 0x5140;", f"prmt.b32 t1, {a}, {b}, 0x7362;"]
-    for j in range(per):
-        for h, t in enumerate(("t0", "t1")):
-            src = t
-            if j:
-                lines.append(f"shr.b32 x, {t}, {j * bits};")
-                src = "x"
-            lines.append(f"and.b32 x, {src}, {mask};")
-            r0, r1 = 4 * j + 2 * h, 4 * j + 2 * h + 1
-            lines.append(f"prmt.b32 ${r0}, x, {fill}, 0x4140;")
-            lines.append(f"prmt.b32 ${r1}, x, {fill}, 0x4342;")
-            if dtype == torch.float16:
-                lines.append(f"sub.rn.f16x2 ${r0}, ${r0}, m;")
-                lines.append(f"sub.rn.f16x2 ${r1}, ${r1}, m;")
-    init = "mov.b32 m, 0x64006400; " if dtype == torch.float16 else ""
-    return "{ .reg .b32 t0, t1, x, m; " + init + " ".join(lines) + " }"
+def plane_constants(bits: int, dtype: torch.dtype) -> dict:
+    """The constexprs of ``_partials`` that describe the code conversion: ``ASM``
+    (``quant.pairs_asm``), ``MAGIC_C`` (plane 0's offset plus the middle code) and ``DM1..DM3``
+    (plane 0's offset minus plane j's; 0 past the last plane)."""
+    offsets = quant.plane_offsets(bits, dtype) + (0.0,) * (4 - 8 // bits)
+    dm = {f"DM{j}": offsets[0] - offsets[j] if j < 8 // bits else 0.0 for j in (1, 2, 3)}
+    return dict(ASM=quant.pairs_asm(bits, dtype), MAGIC_C=offsets[0] + quant.middle_code(bits),
+                **dm)
 
 
 @gluon.jit
@@ -330,8 +325,10 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               s_qb, s_qh, s_kb, s_kh, s_ksb, s_ksh, s_ksg, s_vb, s_vh,
               s_vsb, s_vsh, s_pb, s_bb,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
-              HAS_BIAS: gl.constexpr, MAGIC_C: gl.constexpr, ASM: gl.constexpr,
-              BN: gl.constexpr, NS: gl.constexpr, MMA: gl.constexpr, KEY: gl.constexpr,
+              HAS_BIAS: gl.constexpr, MAGIC_C: gl.constexpr, DM1: gl.constexpr,
+              DM2: gl.constexpr, DM3: gl.constexpr, ASM: gl.constexpr,
+              BN: gl.constexpr, NS: gl.constexpr, SUM_LATE: gl.constexpr,
+              MMA: gl.constexpr, KEY: gl.constexpr,
               VALUE: gl.constexpr, QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr,
               KA: gl.constexpr, VA: gl.constexpr, PB: gl.constexpr, LANES: gl.constexpr,
               VSMEM: gl.constexpr, VCOPY: gl.constexpr, GDC_NEXT: gl.constexpr,
@@ -344,9 +341,13 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     module docstring).  ``qscale`` is the softmax scale times log2(e):
     scores are kept in log2 units and the max is stored back in natural-log units.  Scores are
     computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: the slots fill the MMA's 16 rows,
-    the heads its 8 columns.  ``MAGIC_C``: the codes' float offset (magic,
-    ``quant.float_magic``) plus the middle code (``quant.middle_code``).  GDC_NEXT / GDC_WAIT:
-    the grid-dependency steps of a programmatic dependent launch (``triton_decode.PDL``)."""
+    the heads its 8 columns.  ``MAGIC_C``: plane 0's float offset (``quant.plane_offsets``)
+    plus the middle code (``quant.middle_code``); ``DM1..DM3``: plane 0's offset minus plane
+    j's (the key column terms of plane j use ``MAGIC_C - DMj``; the values' plane j adds
+    ``DMj * sum(p * s)``, which one more running sum carries when any is non-zero).
+    ``SUM_LATE``: the running sums over slots are reduced once, after the loop (``SUM_LATE``
+    at module level).  GDC_NEXT / GDC_WAIT: the grid-dependency steps of a programmatic
+    dependent launch (``triton_decode.PDL``)."""
     DT: gl.constexpr = Q.dtype.element_ty
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
@@ -411,8 +412,18 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
 
     slot = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))   # rows of the score tile
     m_i = gl.full([HEADS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
-    l_i = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
-    r_i = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
+    # running sums per head of p (l) and of p * middle - MAGIC_C * p * s (r): per slot of the
+    # tile when SUM_LATE (summed over the slots after the loop), else summed every tile
+    if SUM_LATE:
+        l_i = gl.zeros([BN, HEADS], gl.float32, layout=MMA)
+        r_i = gl.zeros([BN, HEADS], gl.float32, layout=MMA)
+    else:
+        l_i = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
+        r_i = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, MMA))
+    # sum(p * s) per head when some DMj != 0, always per slot (a reduction across lanes per
+    # tile costs more than the tile's 8 multiply-adds)
+    w_acc = gl.zeros([BN, HEADS], gl.float32, layout=MMA)
+    PLANE_OFFSETS: gl.constexpr = (DM1 != 0) | (DM2 != 0) | (DM3 != 0)
     acc0 = gl.zeros([W, HEADS], gl.float32, layout=MMA)
     acc1 = gl.zeros([W, HEADS], gl.float32, layout=MMA)
     acc2 = gl.zeros([W, HEADS], gl.float32, layout=MMA)
@@ -442,16 +453,16 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                                         QL, QB, GL)
                 if PER > 1:
                     q1 = q_buf.index(1).load(QL).to(gl.float32) * qscale
-                    qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W, MAGIC_C,
-                                             DT, QL, QB, GL)
+                    qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W,
+                                             MAGIC_C - DM1, DT, QL, QB, GL)
                     z += z1
                 if PER > 2:
                     q2 = q_buf.index(2).load(QL).to(gl.float32) * qscale
                     q3 = q_buf.index(3).load(QL).to(gl.float32) * qscale
                     qs2, z2 = _group_queries(q2, ksv.slice(2 * W, W), kmv.slice(2 * W, W), W,
-                                             MAGIC_C, DT, QL, QB, GL)
+                                             MAGIC_C - DM2, DT, QL, QB, GL)
                     qs3, z3 = _group_queries(q3, ksv.slice(3 * W, W), kmv.slice(3 * W, W), W,
-                                             MAGIC_C, DT, QL, QB, GL)
+                                             MAGIC_C - DM3, DT, QL, QB, GL)
                     z += z2 + z3
                 z = gl.convert_layout(z, gl.SliceLayout(0, MMA))
             pos = pos_buf.index(st).load(gl.SliceLayout(1, MMA))
@@ -487,9 +498,15 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             vmd = vm_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
                 gl.SliceLayout(1, MMA))
             pw = (p * vsc.to(gl.float32)[:, None]).to(DT)
-            l_i = l_i * alpha + gl.sum(p, axis=0)
-            r_i = r_i * alpha + gl.sum(p * vmd.to(gl.float32)[:, None]
-                                       - MAGIC_C * pw.to(gl.float32), axis=0)
+            r_tile = p * vmd.to(gl.float32)[:, None] - MAGIC_C * pw.to(gl.float32)
+            if SUM_LATE:
+                l_i = l_i * alpha[None, :] + p
+                r_i = r_i * alpha[None, :] + r_tile
+            else:
+                l_i = l_i * alpha + gl.sum(p, axis=0)
+                r_i = r_i * alpha + gl.sum(r_tile, axis=0)
+            if PLANE_OFFSETS:
+                w_acc = w_acc * alpha[None, :] + pw.to(gl.float32)
             m_i = m_new
             pt = _transposed_probabilities(pw, PB)
             # each tile's p @ v starts from zero in the tensor cores and is added to the
@@ -517,6 +534,9 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                     _value_operand(_bytes(v30, v31, v32, v33, W), W, VA), pt, zero)
     async_copy.wait_group(0)
 
+    if SUM_LATE:
+        l_i = gl.sum(l_i, axis=0)
+        r_i = gl.sum(r_i, axis=0)
     heads = gl.arange(0, HEADS, layout=gl.SliceLayout(0, MMA))
     h_ok = heads < n_heads_per_kv
     idx = (bh * QROWS + heads) * n_chunks_total + chunk_offset + c
@@ -525,12 +545,13 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     ch = _value_byte(gl.arange(0, W, layout=gl.SliceLayout(1, MMA)), W)
     out = ACC_OUT + idx[None, :] * D + ch[:, None]
     r_col = r_i[None, :]
+    w_col = gl.sum(w_acc, axis=0)[None, :]
     h_ok = h_ok[None, :]
     gl.store(out, acc0 + r_col, mask=h_ok)
     if PER > 1:
-        gl.store(out + W, acc1 + r_col, mask=h_ok)
+        gl.store(out + W, acc1 + (r_col + DM1 * w_col), mask=h_ok)
     if PER > 2:
-        gl.store(out + 2 * W, acc2 + r_col, mask=h_ok)
-        gl.store(out + 3 * W, acc3 + r_col, mask=h_ok)
+        gl.store(out + 2 * W, acc2 + (r_col + DM2 * w_col), mask=h_ok)
+        gl.store(out + 3 * W, acc3 + (r_col + DM3 * w_col), mask=h_ok)
     if GDC_WAIT:   # this grid completes after the one it was launched behind
         gdc_wait()

@@ -98,6 +98,72 @@ def plane_asm(bits: int, j: int, dtype: torch.dtype) -> str:
             f"prmt.b32 $1, t, {fill}, 0x4342; {exact}}}")
 
 
+def plane_offsets(bits: int, dtype: torch.dtype) -> tuple[float, ...]:
+    """Per plane j, the float ``o_j`` such that ``pairs_asm`` turns a code ``c`` of plane j into
+    the 16-bit float ``o_j + c``.  bf16 2-bit codes stay in place in their byte (plane j at bits
+    2j, plane 3 shifted to bits 4-5) under an exponent whose spacing there is 1: 128, 32, 8, 8;
+    bf16 4-bit codes (plane 1 shifted down) 128, 128; fp16 codes come out exact: 0."""
+    per = 8 // bits
+    if dtype == torch.float16:
+        return (0.0,) * per
+    return (128.0, 32.0, 8.0, 8.0) if bits == 2 else (128.0,) * per
+
+
+@functools.lru_cache(maxsize=None)
+def pairs_asm(bits: int, dtype: torch.dtype) -> str:
+    """PTX of the Gluon decode kernel turning two words of packed code bytes ``a``, ``b``
+    (``$N``, ``$N+1``) into 16-bit floats in pairs: output ``4 * j + i`` (plane j, byte i) holds
+    the code ``c`` of plane j in byte i of ``a`` (low half) and of ``b`` (high half) as the
+    float ``o_j + c`` (``plane_offsets``).  bf16 2-bit codes: one permute per byte i puts byte
+    i of ``a`` and of ``b`` at bytes 0 and 2, then per plane one AND-OR (LOP3) leaves the code
+    in place under that plane's exponent byte (0x43, 0x42, 0x41; plane 3 after one shift), 24
+    instructions per 32 codes.  Otherwise two permutes interleave the words' bytes, then per
+    plane and register a shift (after plane 0), a mask and one permute per half put 0x43 (bf16
+    ``128 + c``) or 0x64 (fp16 ``1024 + c``, minus 1024 once more) above each code."""
+    per = 8 // bits
+    if bits == 2 and dtype == torch.bfloat16:
+        return _pairs_asm_in_place(f"${4 * per}", f"${4 * per + 1}")
+    n_out = 4 * per
+    a, b = f"${n_out}", f"${n_out + 1}"
+    high = 0x43 if dtype == torch.bfloat16 else 0x64
+    fill = f"0x{high:02X}{high:02X}{high:02X}{high:02X}"
+    mask = "0x" + f"{(1 << bits) - 1:02X}" * 4
+    lines = [f"prmt.b32 t0, {a}, {b}, 0x5140;", f"prmt.b32 t1, {a}, {b}, 0x7362;"]
+    for j in range(per):
+        for h, t in enumerate(("t0", "t1")):
+            src = t
+            if j:
+                lines.append(f"shr.b32 x, {t}, {j * bits};")
+                src = "x"
+            lines.append(f"and.b32 x, {src}, {mask};")
+            r0, r1 = 4 * j + 2 * h, 4 * j + 2 * h + 1
+            lines.append(f"prmt.b32 ${r0}, x, {fill}, 0x4140;")
+            lines.append(f"prmt.b32 ${r1}, x, {fill}, 0x4342;")
+            if dtype == torch.float16:
+                lines.append(f"sub.rn.f16x2 ${r0}, ${r0}, m;")
+                lines.append(f"sub.rn.f16x2 ${r1}, ${r1}, m;")
+    init = "mov.b32 m, 0x64006400; " if dtype == torch.float16 else ""
+    return "{ .reg .b32 t0, t1, x, m; " + init + " ".join(lines) + " }"
+
+
+def _pairs_asm_in_place(a: str, b: str) -> str:
+    """``pairs_asm`` of bf16 2-bit codes: output 4 * j + i = bf16 (o_j + code) of plane j,
+    byte i, of ``a`` (low half) and ``b`` (high half), o_j = 128, 32, 8, 8."""
+    fills = (0x4300, 0x4200, 0x4100, 0x4100)
+    lines = []
+    for i in range(4):
+        lines.append(f"prmt.b32 u, {a}, {b}, 0x{4 + i:X}{4 + i:X}{i:X}{i:X};")
+        for j in range(4):
+            src, bit = ("u", 2 * j) if j < 3 else ("x", 4)
+            if j == 3:
+                lines.append("shr.b32 x, u, 2;")
+            mask = (3 << bit) * 0x10001
+            # (src & mask) | fill: LUT 0xEA over (a, b, c) = (0xF0, 0xCC, 0xAA)
+            lines.append(f"lop3.b32 ${4 * j + i}, {src}, 0x{mask:08X}, "
+                         f"0x{fills[j] * 0x10001:08X}, 0xEA;")
+    return "{ .reg .b32 u, x; " + " ".join(lines) + " }"
+
+
 def middle_code(bits: int) -> float:
     """``c = (2**bits - 1) / 2``: the code whose value a group stores as ``mid``."""
     return ((1 << bits) - 1) / 2

@@ -95,10 +95,10 @@ def test_float_magic_turns_codes_into_floats_by_bit_or(bits):
     assert quant.float_magic(torch.bfloat16, 8) == (0, 0.0)  # 128 + 255 is not exact in bf16
 
 
-def _run_plane_ptx(asm: str, word: int) -> list[int]:
-    """Executes the straight-line PTX of ``quant.plane_asm`` on one 32-bit input register;
-    returns the four 16-bit results ($0's low and high half, then $1's)."""
-    regs = {"$2": word}
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Executes the straight-line PTX of ``quant.plane_asm`` / ``quant.pairs_asm`` on 32-bit
+    input registers (``{"$2": word}``); returns every register after the last instruction."""
+    regs = dict(inputs)
 
     def val(x):
         return regs[x] if x in regs else int(x, 0)
@@ -115,6 +115,10 @@ def _run_plane_ptx(asm: str, word: int) -> list[int]:
             regs[a[0]] = val(a[1]) >> val(a[2])
         elif op == "mov.b32":
             regs[a[0]] = val(a[1])
+        elif op == "lop3.b32":  # bit i of the LUT index: (a, b, c) -> 4a + 2b + c
+            x, y, z, lut = (val(r) for r in a[1:])
+            regs[a[0]] = sum(((lut >> (4 * (x >> i & 1) + 2 * (y >> i & 1) + (z >> i & 1))) & 1)
+                             << i for i in range(32))
         elif op == "prmt.b32":  # default mode: each selector nibble picks one of 8 bytes
             pool, sel = val(a[1]) | val(a[2]) << 32, val(a[3])
             regs[a[0]] = sum(((pool >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i
@@ -125,7 +129,19 @@ def _run_plane_ptx(asm: str, word: int) -> list[int]:
             regs[a[0]] = (x - y).view(torch.int32).item() & 0xFFFFFFFF
         else:
             raise AssertionError(f"unexpected instruction {op}")
-    return [regs[r] >> s & 0xFFFF for r in ("$0", "$1") for s in (0, 16)]
+    return regs
+
+
+def _halves(regs: dict[str, int], names, dtype) -> list[float]:
+    """The 16-bit halves (low, then high) of registers ``names`` as floats of ``dtype``."""
+    got = torch.tensor([regs[r] >> s & 0xFFFF for r in names for s in (0, 16)],
+                       dtype=torch.int32).to(torch.int16)
+    return got.view(dtype).float().tolist()
+
+
+def _run_plane_ptx(asm: str, word: int, dtype) -> list[float]:
+    """``quant.plane_asm``'s four 16-bit results ($0's low and high half, then $1's)."""
+    return _halves(_run_ptx(asm, {"$2": word}), ("$0", "$1"), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -140,7 +156,27 @@ def test_plane_ptx_turns_four_bytes_into_their_codes(bits, dtype):
     for j in range(8 // bits):
         asm = quant.plane_asm(bits, j, dtype)
         for word in words:
-            got = torch.tensor(_run_plane_ptx(asm, word), dtype=torch.int32).to(torch.int16)
             codes = [(word >> 8 * i + j * bits) & ((1 << bits) - 1) for i in range(4)]
-            assert got.view(dtype).float().tolist() == [magic + c for c in codes], (j, hex(word))
+            assert _run_plane_ptx(asm, word, dtype) == [magic + c for c in codes], (j, hex(word))
     assert quant.plane_asm(8, 0, dtype) == quant.plane_asm(bits, 0, torch.float32) == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_pairs_ptx_turns_two_words_into_plane_offset_plus_code(bits, dtype):
+    """The Gluon kernel's inline PTX, emulated: output 4 * j + i holds the code of plane j in
+    byte i of the first word (low half) and of the second (high half), each as the float
+    ``plane_offsets[j] + code``: every code of every plane, from random and extreme words."""
+    per = 8 // bits
+    asm = quant.pairs_asm(bits, dtype)
+    offsets = quant.plane_offsets(bits, dtype)
+    assert len(offsets) == per
+    gen = torch.Generator().manual_seed(1)
+    words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF] + \
+        torch.randint(0, 2 ** 32, (60,), generator=gen).tolist()
+    for a, b in zip(words, reversed(words)):
+        regs = _run_ptx(asm, {f"${4 * per}": a, f"${4 * per + 1}": b})
+        got = _halves(regs, [f"${r}" for r in range(4 * per)], dtype)
+        want = [offsets[j] + ((w >> 8 * i + j * bits) & ((1 << bits) - 1))
+                for j in range(per) for i in range(4) for w in (a, b)]
+        assert got == want, (hex(a), hex(b))
