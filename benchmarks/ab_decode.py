@@ -3,17 +3,21 @@ graphs, Qwen2-7B layer shape) per variant, best of ``--rounds`` interleaved roun
 
 A variant is a file with the shape of ``zipvl_compile/runtime/gluon_decode.py`` (the Gluon
 kernel of the 2- and 4-bit segments), loaded as a module of ``zipvl_compile.runtime`` and used
-in place of the installed one; ``installed`` is the installed module itself.  ``diff``: relative
+in place of the installed one (``NAME=PATH``), the installed module itself (``installed``), or
+the installed module with launch settings of ``triton_decode`` changed for that variant
+(``NAME:SETTING=VALUE;SETTING=VALUE``, values as Python literals).  ``diff``: relative
 L2 difference of each output against the first variant's (a different instruction order or
 chunking changes the fp32 summation order: ~1e-3; a wrong kernel: ~1).
 
 usage (repository root, on a GPU):
   python benchmarks/ab_decode.py --variant before=old_gluon_decode.py --variant installed \\
+      --variant "short6:GLUON_SHORT_PROGRAMS_PER_SM=6" \\
       [--shapes 1x131072,8x131072] [--bits 4/2,4/0] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.machinery
 import importlib.util
 import itertools
@@ -40,8 +44,20 @@ def load_variant(name: str, path: str):
     return module
 
 
+def use(module, settings: dict) -> None:
+    """Run the Gluon segments on ``module`` with ``settings`` of ``triton_decode`` applied (the
+    others at the values they had when the script started)."""
+    triton_decode._GLUON = module
+    for name, value in {**DEFAULTS, **settings}.items():
+        setattr(triton_decode, name, value)
+
+
+DEFAULTS: dict = {}
+
+
 def compare(variants: dict, shapes, bit_pairs, rounds: int = 3) -> list[tuple]:
-    """Rows (batch, context, bits, variant, us, speedup vs the first variant, diff)."""
+    """Rows (batch, context, bits, variant, us, speedup vs the first variant, diff);
+    ``variants``: name -> (module, settings)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     first = next(iter(variants))
     rows = []
@@ -58,8 +74,8 @@ def compare(variants: dict, shapes, bit_pairs, rounds: int = 3) -> list[tuple]:
 
         best, outs = {}, {}
         for _ in range(rounds):
-            for name, module in variants.items():
-                triton_decode._GLUON = module
+            for name, (module, settings) in variants.items():
+                use(module, settings)
                 best[name] = min(best.get(name, float("inf")), bench.gpu_time(call))
                 outs[name] = call().float()
         base = outs[first]
@@ -83,12 +99,23 @@ def main() -> None:
     from zipvl_compile.runtime import gluon_decode
     variants = {}
     for spec in args.variant:
+        if ":" in spec:
+            name, _, assignments = spec.partition(":")
+            settings = {}
+            for item in assignments.split(";"):
+                key, _, value = item.partition("=")
+                if not hasattr(triton_decode, key):
+                    ap.error(f"triton_decode has no setting {key!r}")
+                settings[key] = ast.literal_eval(value)
+                DEFAULTS.setdefault(key, getattr(triton_decode, key))
+            variants[name] = (gluon_decode, settings)
+            continue
         name, _, path = spec.partition("=")
-        variants[name] = gluon_decode if name == "installed" and not path else \
-            load_variant(name, path)
+        variants[name] = (gluon_decode if name == "installed" and not path else
+                          load_variant(name, path), {})
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     rows = compare(variants, shapes, args.bits.split(","), args.rounds)
-    triton_decode._GLUON = gluon_decode
+    use(gluon_decode, {})
     first = next(iter(variants))
     print(f"{'batch':>5} {'context':>7} {'bits':>4}  {'variant':<16} {'us':>7} "
           f"{'vs ' + first:>12} {'diff':>8}")
