@@ -281,8 +281,9 @@ def _key_labels(x, W: gl.constexpr, layout: gl.constexpr):
 def _group_queries(q, ks_plane, km_plane, W: gl.constexpr, MAGIC_C: gl.constexpr,
                    DT: gl.constexpr, QL: gl.constexpr, QB: gl.constexpr, GL: gl.constexpr):
     """A plane's B operand ``qs = q * s`` [W labels, HEADS] (DT) for a key group, and its
-    column terms ``sum(q * mid - (magic + c) * qs)`` [HEADS]; ``ks_plane``/``km_plane``: the
-    plane's scales and middles [W] (fp16, by byte) in shared memory."""
+    column terms ``sum(q * mid - MAGIC_C * qs)`` [HEADS], ``MAGIC_C`` the plane's float offset
+    plus the middle code; ``ks_plane``/``km_plane``: the plane's scales and middles [W] (fp16,
+    by byte) in shared memory."""
     ks = _key_labels(ks_plane.load(GL), W, gl.SliceLayout(1, QL)).to(gl.float32)
     km = _key_labels(km_plane.load(GL), W, gl.SliceLayout(1, QL)).to(gl.float32)
     qs = (q * ks[:, None]).to(DT)
@@ -472,7 +473,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                 bias = gl.load(BIAS + b * s_bb + pos, mask=live & (pos >= 0),
                                other=0.0) * LOG2E_C
             kx = k_buf.index(st).load(KEY)
-            # scores S^T in log2 units: the planes' (magic + code) . qs, plus the column terms
+            # scores S^T in log2 units: the planes' (offset + code) . qs, plus the column terms
             s = gl.zeros([BN, HEADS], gl.float32, layout=MMA) + z[None, :]
             if PER == 2:
                 k00, k01, k02, k03, k10, k11, k12, k13 = _unpack(kx, ASM, PER, qs0)
@@ -511,7 +512,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             pt = _transposed_probabilities(pw, PB)
             # each tile's p @ v starts from zero in the tensor cores and is added to the
             # running accumulators in fp32: accumulating across tiles inside the MMA lost up to
-            # 30% of the output over long chunks, where magic * sum(p * s) cancels against the
+            # 30% of the output over long chunks, where offset * sum(p * s) cancels against the
             # row terms (BENCHMARKS.md, issue 3, session 10)
             a_col = alpha[None, :]
             vx = v_buf.index(st).load(VALUE)
