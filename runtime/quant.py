@@ -98,15 +98,23 @@ def plane_asm(bits: int, j: int, dtype: torch.dtype) -> str:
             f"prmt.b32 $1, t, {fill}, 0x4342; {exact}}}")
 
 
+# bf16 2-bit codes converted in place (``pairs_asm``): the bf16 high byte above each plane's
+# bits (plane j at bits 2j, plane 3 shifted to bits 4-5), whose exponent puts spacing 1 there
+IN_PLACE_FILLS = (0x4300, 0x4200, 0x4100, 0x4100)
+
+
+def _in_place(bits: int, dtype: torch.dtype) -> bool:
+    return bits == 2 and dtype == torch.bfloat16
+
+
 def plane_offsets(bits: int, dtype: torch.dtype) -> tuple[float, ...]:
     """Per plane j, the float ``o_j`` such that ``pairs_asm`` turns a code ``c`` of plane j into
-    the 16-bit float ``o_j + c``.  bf16 2-bit codes stay in place in their byte (plane j at bits
-    2j, plane 3 shifted to bits 4-5) under an exponent whose spacing there is 1: 128, 32, 8, 8;
-    bf16 4-bit codes (plane 1 shifted down) 128, 128; fp16 codes come out exact: 0."""
-    per = 8 // bits
-    if dtype == torch.float16:
-        return (0.0,) * per
-    return (128.0, 32.0, 8.0, 8.0) if bits == 2 else (128.0,) * per
+    the 16-bit float ``o_j + c``: bf16 2-bit codes, the values of ``IN_PLACE_FILLS`` (128, 32,
+    8, 8); otherwise ``float_magic``'s (bf16 128, fp16 codes come out exact: 0)."""
+    if _in_place(bits, dtype):
+        fills = torch.tensor(IN_PLACE_FILLS, dtype=torch.int16).view(torch.bfloat16)
+        return tuple(fills.tolist())
+    return (float_magic(dtype, bits)[1],) * (8 // bits)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,7 +129,7 @@ def pairs_asm(bits: int, dtype: torch.dtype) -> str:
     plane and register a shift (after plane 0), a mask and one permute per half put 0x43 (bf16
     ``128 + c``) or 0x64 (fp16 ``1024 + c``, minus 1024 once more) above each code."""
     per = 8 // bits
-    if bits == 2 and dtype == torch.bfloat16:
+    if _in_place(bits, dtype):
         return _pairs_asm_in_place(f"${4 * per}", f"${4 * per + 1}")
     n_out = 4 * per
     a, b = f"${n_out}", f"${n_out + 1}"
@@ -148,8 +156,7 @@ def pairs_asm(bits: int, dtype: torch.dtype) -> str:
 
 def _pairs_asm_in_place(a: str, b: str) -> str:
     """``pairs_asm`` of bf16 2-bit codes: output 4 * j + i = bf16 (o_j + code) of plane j,
-    byte i, of ``a`` (low half) and ``b`` (high half), o_j = 128, 32, 8, 8."""
-    fills = (0x4300, 0x4200, 0x4100, 0x4100)
+    byte i, of ``a`` (low half) and ``b`` (high half), under ``IN_PLACE_FILLS``."""
     lines = []
     for i in range(4):
         lines.append(f"prmt.b32 u, {a}, {b}, 0x{4 + i:X}{4 + i:X}{i:X}{i:X};")
@@ -160,7 +167,7 @@ def _pairs_asm_in_place(a: str, b: str) -> str:
             mask = (3 << bit) * 0x10001
             # (src & mask) | fill: LUT 0xEA over (a, b, c) = (0xF0, 0xCC, 0xAA)
             lines.append(f"lop3.b32 ${4 * j + i}, {src}, 0x{mask:08X}, "
-                         f"0x{fills[j] * 0x10001:08X}, 0xEA;")
+                         f"0x{IN_PLACE_FILLS[j] * 0x10001:08X}, 0xEA;")
     return "{ .reg .b32 u, x; " + " ".join(lines) + " }"
 
 
