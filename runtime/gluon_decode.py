@@ -311,12 +311,10 @@ def _issue(i, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf
     pair_ok = n0 + 2 * j_pair < stop
     async_copy.async_copy_global_to_shared(vs_buf.index(st), vs_src + n0 // 2, mask=pair_ok)
     async_copy.async_copy_global_to_shared(vm_buf.index(st), vm_src + n0 // 2, mask=pair_ok)
-    first = ((n0 % GROUP) == 0) & (n0 < stop)
-    g_off = (n0 // GROUP) * s_ksg
-    async_copy.async_copy_global_to_shared(ks_buf.index(st), ks_src + g_off,
-                                           mask=(j_ch >= 0) & first)
-    async_copy.async_copy_global_to_shared(km_buf.index(st), km_src + g_off,
-                                           mask=(j_ch >= 0) & first)
+    if ((n0 % GROUP) == 0) & (n0 < stop):
+        g_off = (n0 // GROUP) * s_ksg
+        async_copy.async_copy_global_to_shared(ks_buf.index(st), ks_src + g_off)
+        async_copy.async_copy_global_to_shared(km_buf.index(st), km_src + g_off)
     async_copy.commit_group()
 
 

@@ -69,11 +69,12 @@ GLUON_PROGRAMS_PER_SM = {4: 8, 2: 12}   # by code width
 # issue 3, session 18).  0: no such rule (a measurement knob).
 GLUON_SHORT_CHUNK_SLOTS = 384
 GLUON_SHORT_PROGRAMS_PER_SM = 8
-# The merge: one program per query head and MERGE_BLOCK_D channels, MERGE_BLOCK_C chunks at a
-# time (one program per query head took 29 us at 128K batch 1 over ~500 chunks, this 6 us;
-# H100, BENCHMARKS.md).
+# The merge: one program per query head and MERGE_BLOCK_D channels, the chunks read
+# next_power_of_2(chunks) at a time up to MERGE_BLOCK_C (one program per query head took 29 us
+# at 128K batch 1 over ~500 chunks, this 6 us; H100, BENCHMARKS.md).  256 instead of 128:
+# the 256 chunks of 128K batch 1 in one step, 1.04x there (H200, session 20).
 MERGE_BLOCK_D = 32
-MERGE_BLOCK_C = 128
+MERGE_BLOCK_C = 256
 # The residual window (16-bit, recent tokens, at most MERGE_RESIDUAL_SLOTS slots) is attended
 # inside the merge instead of by a partial kernel of its own when the merge grid fits in one
 # program per SM: one launch fewer, for which every merge program of a KV head reads the
@@ -543,11 +544,12 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         rk = rv = rpos = None
         r_slots = r_base = 0
         r_strides = (0, 0, 0, 0)
+    block_c = max(16, min(MERGE_BLOCK_C, triton.next_power_of_2(n_chunks)))
     _merge[merge_grid](
         m, den, acc, out, q, *(t if t is not None else dummy for t in (rk, rv, rpos, bias)),
         Hkv, g, n_chunks, r_slots, r_base, scale, out.stride(0), out.stride(1), q.stride(0),
         q.stride(1), *r_strides, rpos.stride(0) if rpos is not None else 0,
-        bias.stride(0) if bias is not None else 0, D=D, QR=QROWS, BLOCK_C=MERGE_BLOCK_C,
+        bias.stride(0) if bias is not None else 0, D=D, QR=QROWS, BLOCK_C=block_c,
         BLOCK_D=block_d, HAS_RES=res is not None, HAS_RPOS=rpos is not None,
         HAS_BIAS=bias is not None, BLOCK_R=MERGE_RESIDUAL_BLOCK, GDC_WAIT=steps[-1][0],
         launch_pdl=steps[-1][0])
