@@ -11,10 +11,13 @@ those K/V to the site's kernel.  At run time the kernel looks the cache up by it
 calls ``receiver.plan`` (device work, before the kernel's host read of the budgets, so the
 pool sizes travel in the same read) and then ``receiver.adopt``: the layer's pools are built
 right there, from the selection the kernel just made.  No graph break; the host-read kernel
-adds no host sync of its own.  The graph-capturable kernel has no host read of its own:
-``zipvl::deliver_selection`` reads the pool sizes (one sync per layer) and builds the pools,
-an op kept out of CUDA graphs (pools allocated during a CUDA graph tree's warm-up would sit in
-its private memory pool, and a replay would skip the op).
+adds no host sync of its own.  The graph-capturable kernel has no host read of its own, and
+the hand-over adds none: ``zipvl::deliver_selection`` plans the split on the device and calls
+``receiver.deliver``, which copies the pool sizes to the host asynchronously and builds the
+pools at the next delivery (the next layer's) or when the cache is next read
+(``finish_delivery``: decode, ``memory_bytes()``, ``stats()``); the op is kept out of CUDA
+graphs (pools allocated during a CUDA graph tree's warm-up would sit in its private memory
+pool, and a replay would skip the op).
 
 A prompt not run through a zipvl sparse prefill (eager model, other backend, dense fallback)
 is never delivered: the cache then stores every prompt token at ``high_bits``.
@@ -45,12 +48,25 @@ class Receiver(Protocol):
     def adopt(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan,
               counts: list[int], site: str) -> None: ...
 
+    def deliver(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan,
+                site: str) -> None: ...
+
+    def finish_delivery(self) -> None: ...
+
     def report_uniform(self, layer: int, n: int) -> None: ...
 
 
 def register(token: torch.Tensor, receiver: Receiver) -> None:
     with _lock:
         _receivers[token.data_ptr()] = receiver
+
+
+def finish_deliveries() -> None:
+    """Every receiver's pending ``deliver`` completed (before statistics are read)."""
+    with _lock:
+        found = list(_receivers.values())
+    for r in found:
+        r.finish_delivery()
 
 
 def receiver(token: torch.Tensor | None) -> Receiver | None:

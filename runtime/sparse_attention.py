@@ -206,21 +206,22 @@ def _(budget, n_valid, kept_idx, site):
     return torch.empty_like(budget)
 
 
-# Kept out of CUDA graphs: it reads the pool sizes on the host and allocates the cache's pools,
-# which must outlive the graph's run (a replay would skip both).
+# Kept out of CUDA graphs: it hands the cache device tensors and a host copy that must outlive
+# the graph's run, and the cache allocates its pools at run time (a replay would skip all three).
 @torch.library.custom_op("zipvl::deliver_selection", mutates_args=(),
                          tags=handoff.CUDAGRAPH_UNSAFE)
 def deliver_selection(budget: torch.Tensor, kept_idx: torch.Tensor, site: int,
                       cache_token: torch.Tensor, cache_layer: int, cache_k: torch.Tensor,
                       cache_v: torch.Tensor) -> torch.Tensor:
     """Hands the graph-capturable kernel's selection to the KV cache named by ``cache_token``
-    (``handoff``; reading the pool sizes is one host sync).  Returns a copy of ``budget`` for
-    the kernel to consume (the data dependency keeps this op in the graph)."""
+    (``handoff``): the cache plans the split on the device and builds the pools a layer later,
+    once the pool sizes have reached the host (``ZipVLCache.deliver``: no host sync here).
+    Returns a copy of ``budget`` for the kernel to consume (the data dependency keeps this op
+    in the graph)."""
     cache = handoff.receiver(cache_token)
     if cache is not None:
         plan = cache.plan(cache_layer, cache_k, kept_idx, budget)
-        counts = plan.counts.tolist()
-        cache.adopt(cache_layer, cache_k, cache_v, plan, counts, stats.site_name(site))
+        cache.deliver(cache_layer, cache_k, cache_v, plan, stats.site_name(site))
     return budget.clone()
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import handoff
+
 logger = logging.getLogger("zipvl_compile")
 
 
@@ -132,7 +134,9 @@ def update_lazy(uid: int, seq_len: int, budget: torch.Tensor, n_valid: torch.Ten
 
 
 def stats() -> list[SiteRecord]:
-    """Latest record per (site, phase), in the order the sites were first found."""
+    """Latest record per (site, phase), in the order the sites were first found (pending
+    hand-overs to KV caches are completed first: their rows say which split was applied)."""
+    handoff.finish_deliveries()
     latest: dict[tuple, _Site] = {}
     first_seen: dict[tuple, int] = {}
     for site in _sites.values():

@@ -271,3 +271,54 @@ def test_a_layer_whose_prompt_never_reached_the_cache_refuses_to_decode():
     cache.prompts.clear()
     with pytest.raises(RuntimeError, match="neither a prefill selection nor the prompt"):
         cache.update(k[:, :, :1], v[:, :, :1], 0)
+
+
+
+def test_a_graph_capturable_hand_over_builds_the_pools_one_layer_later():
+    """``zipvl::deliver_selection`` (the flex kernel's hand-over) reads nothing on the host but
+    for the cache's last layer: a layer's pools are built at the next layer's delivery, or when
+    the cache (or ``stats()``) is next read, from the prompt copy the cache holds, equal to the
+    pools an immediate hand-over builds.  The last layer's are built at once."""
+    from zipvl_compile.runtime import stats
+
+    n, d, layers = 96, 16, 3
+    gen = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(2, 2, n, d, generator=gen), torch.randn(2, 2, n, d, generator=gen))
+          for _ in range(layers)]
+    picks = [kept_selection(n, budgets, gen) for budgets in ([40, 20], [10, 70], [30, 30])]
+    site = stats.register(stats.SiteRecord(site="layers.0.self_attn", phase="prefill",
+                                           path="sparse"))
+
+    def prefill(delivered):
+        cache, direct = ZipVLCache(ZipVLConfig(**CFG)), ZipVLCache(ZipVLConfig(**CFG))
+        for layer, (k, v) in enumerate(kv):
+            for c in (cache, direct):
+                c.update(k, v, layer)
+        for layer in delivered:
+            (k, v), (kept_idx, budget) = kv[layer], picks[layer]
+            out = torch.ops.zipvl.deliver_selection(budget, kept_idx, site, cache.token,
+                                                    layer, k, v)
+            assert torch.equal(out, budget)
+            assert (layer in cache.prompts) == (layer < layers - 1)   # the copy, until built
+            plan = direct.plan(layer, k, kept_idx, budget)
+            direct.adopt(layer, k, v, plan, plan.counts.tolist(), "layers.0.self_attn")
+            yield cache, direct
+
+    def same_pools(cache, direct, delivered):
+        for layer in delivered:
+            got, want = cache.adopted[layer], direct.adopted[layer]
+            assert (got.hi_counts, got.lo_counts) == (want.hi_counts, want.lo_counts)
+            for a, b in zip(got.tensors(), want.tensors()):
+                assert torch.equal(a, b)
+        assert cache.memory_bytes() == direct.memory_bytes()
+
+    # every layer delivers: each is built at the next one's delivery, the last at once
+    for step, (cache, direct) in enumerate(prefill([0, 1, 2])):
+        assert sorted(cache.adopted) == ([0, 1, 2] if step == 2 else list(range(step)))
+    same_pools(cache, direct, [0, 1, 2])
+    # the last layer delivers nothing (dense): the pending one is built when stats are read
+    for step, (cache, direct) in enumerate(prefill([0, 1])):
+        assert sorted(cache.adopted) == list(range(step))
+    zipvl_compile.stats()
+    assert sorted(cache.adopted) == [0, 1] and list(cache.prompts) == [2]
+    same_pools(cache, direct, [0, 1])

@@ -8,8 +8,9 @@ Lifecycle of one layer (storage in ``runtime/kv_pool.py``, splitting in ``runtim
    token and hands over its selection at run time (``runtime/handoff.py``): the prompt is split
    into the high-bit pool (tokens the prefill kept), the low-bit pool (the others; evicted at
    ``low_bits=0``) and the unquantized residual window (the last ``residual_length`` tokens),
-   and the unquantized copy is dropped right there, so a prefill never holds a full-precision
-   copy of every layer's prompt (the peak memory a user measures is below ``DynamicCache``'s).
+   and the unquantized copy is dropped right there (by the graph-capturable ``flex`` kernel,
+   one layer later: ``deliver``), so a prefill never holds a full-precision copy of every
+   layer's prompt (the peak memory a user measures is below ``DynamicCache``'s).
    The layer adopts that split at its next update.  Without a hand-over (eager model, another
    backend, a dense fallback) that update splits the copy uniformly: every prompt token outside
    the residual window at ``high_bits``.  Neither path breaks the graph.
@@ -152,6 +153,7 @@ class ZipVLLayer(CacheLayerMixin):
         self.hi = self.lo = self.res_k = self.res_v = self.span = None
         self.split = self.evicted = self.moving = False
         self.static = None
+        self.owner.drop_delivery(self.layer_idx)
         self.owner.adopted.pop(self.layer_idx, None)
         self.owner.prompts.pop(self.layer_idx, None)
 
@@ -191,6 +193,8 @@ class ZipVLLayer(CacheLayerMixin):
         """The split the prefill handed over, or a uniform one of the prompt copy the cache
         holds (reported to ``stats()``); ``key_states``: this step's, [B, Hkv, 1, d]."""
         c = self.config
+        if self.owner._delivery is not None:   # only where the prefill's last hand-over was
+            _finish_outside_graph(self.owner)   # not its last layer's (see ``deliver``)
         split = self.owner.adopted.pop(self.layer_idx, None)
         held = self.owner.prompts.pop(self.layer_idx, None)
         if split is None or split.res_k.shape[:2] != key_states.shape[:2]:
@@ -233,6 +237,13 @@ class ZipVLLayer(CacheLayerMixin):
         return [t for t in out if t is not None]
 
 
+@torch._dynamo.disable
+def _finish_outside_graph(cache: "ZipVLCache") -> None:
+    """``cache.finish_delivery()`` run eagerly: it reads the pool sizes on the host and sizes
+    the pools, which a traced decode step cannot."""
+    cache.finish_delivery()
+
+
 class ZipVLCache(Cache):
     """Mixed-precision KV cache driven by ZipVL's prefill importance (``ZipVLConfig``'s
     ``high_bits``, ``low_bits``, ``group_size``, ``residual_length``).
@@ -256,6 +267,9 @@ class ZipVLCache(Cache):
         self.adopted: dict[int, kv_split.Split] = {}  # splits handed over, not yet adopted
         # prompt copies (mark_prompt), until a selection is handed over or a decode step splits
         self.prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the latest selection handed over by a graph-capturable kernel (``deliver``), whose
+        # pool sizes are on their way to the host: (layer, plan, host counts, event, site)
+        self._delivery: tuple | None = None
         self._stats_uids: dict[int, int] = {}
         handoff.register(self.token, self)
 
@@ -268,6 +282,7 @@ class ZipVLCache(Cache):
 
     def hold_prompt(self, layer: int, keys, values) -> None:
         """``zipvl::mark_prompt`` at run time: the prompt copy of ``layer``."""
+        self.drop_delivery(layer)   # a delivery of an earlier prompt of this layer is stale
         self.prompts[layer] = (keys, values)
 
     def install_static(self, layer: int, hi, lo, res_k, res_v, length: int,
@@ -293,6 +308,52 @@ class ZipVLCache(Cache):
         self._report(layer, keys.shape[-2], [h + r for h in split.hi_counts],
                      [h + lo + r for h, lo in zip(split.hi_counts, split.lo_counts)],
                      f"importance of {site}; the others {low}")
+
+    def deliver(self, layer: int, keys, values, plan, site: str) -> None:
+        """``zipvl::deliver_selection`` at run time (the graph-capturable prefill kernel, which
+        has no host read of its own): the pool sizes ``plan.counts`` start an asynchronous copy
+        to the host, and the layer's pools are built from its prompt copy at the next delivery
+        (the next layer's, by when the copy has landed while the GPU ran this layer's attention
+        and MLP) or when the cache is next read (``finish_delivery``).  So the hand-over never
+        makes the host wait for the work it has just queued; the price is that one layer's
+        prompt copy is held one layer longer.  ``keys``/``values`` [B, Hkv, n, d]: the prompt
+        K/V the kernel saw (cloned only when the cache holds no copy of them).
+
+        The last layer the cache has (``len(self.layers) - 1``) is built at once: no layer
+        follows to hide the wait behind, and its pools must exist before the first decode
+        step is traced.  A delivery still pending then (a prefill whose last layers hand nothing
+        over) is completed by that step outside its graph (one graph break, that step only)."""
+        self.finish_delivery()
+        if layer >= len(self.layers) - 1:
+            self.adopt(layer, keys, values, plan, plan.counts.tolist(), site)
+            return
+        if layer not in self.prompts:
+            self.prompts[layer] = (keys.clone(), values.clone())
+        counts = plan.counts
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=counts.is_cuda)
+        host.copy_(counts, non_blocking=True)
+        event = None
+        if counts.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(counts.device))
+        self._delivery = (layer, plan, host, event, site)
+
+    def finish_delivery(self) -> None:
+        """Build the pools of the pending ``deliver`` (waits for its pool sizes to reach the
+        host; nothing to do when none is pending)."""
+        if self._delivery is None:
+            return
+        layer, plan, host, event, site = self._delivery
+        self._delivery = None
+        if event is not None:
+            event.synchronize()
+        keys, values = self.prompts[layer]
+        self.adopt(layer, keys, values, plan, host.tolist(), site)
+
+    def drop_delivery(self, layer: int) -> None:
+        """Forget a pending ``deliver`` of ``layer`` (its prompt is being replaced)."""
+        if self._delivery is not None and self._delivery[0] == layer:
+            self._delivery = None
 
     def report_uniform(self, layer: int, n: int) -> None:
         reason = ("no prefill importance (prompt not run through a zipvl sparse prefill): "
@@ -325,6 +386,7 @@ class ZipVLCache(Cache):
     def memory_bytes(self) -> int:
         """Bytes of device storage this cache holds (packed codes, scales, middle values, slot
         positions, residual window, prompt copies not yet split), counting each storage once."""
+        self.finish_delivery()
         seen, total = set(), 0
         tensors = [t for layer in self.layers for t in layer.tensors()]
         tensors += [t for split in self.adopted.values() for t in split.tensors()]
@@ -337,6 +399,7 @@ class ZipVLCache(Cache):
 
     def dense_bytes(self) -> int:
         """Bytes a 16-bit (bf16/fp16) cache of the same tokens would hold."""
+        self.finish_delivery()
         total = 0
         for layer in self.layers:
             i = layer.layer_idx
