@@ -13,7 +13,8 @@ Lifecycle of one layer (storage in ``runtime/kv_pool.py``, splitting in ``runtim
    layer's prompt (the peak memory a user measures is below ``DynamicCache``'s).
    The layer adopts that split at its next update.  Without a hand-over (eager model, another
    backend, a dense fallback) that update splits the copy uniformly: every prompt token outside
-   the residual window at ``high_bits``.  Neither path breaks the graph.
+   the residual window at ``high_bits``.  Neither path breaks the graph (one exception,
+   once: ``deliver``).
 3. **Decode.**  New tokens enter the residual window; whenever it reaches
    ``residual_length + group_size`` tokens, its oldest ``group_size`` are quantized into the
    high-bit pool.  ``update`` returns ``zipvl::cache_kv(...)``: position-ordered dequantized K/V
