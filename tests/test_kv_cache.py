@@ -273,7 +273,6 @@ def test_a_layer_whose_prompt_never_reached_the_cache_refuses_to_decode():
         cache.update(k[:, :, :1], v[:, :, :1], 0)
 
 
-
 def test_a_graph_capturable_hand_over_builds_the_pools_one_layer_later():
     """``zipvl::deliver_selection`` (the flex kernel's hand-over) reads nothing on the host but
     for the cache's last layer: a layer's pools are built at the next layer's delivery, or when
