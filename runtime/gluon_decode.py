@@ -15,7 +15,10 @@ How, without changing the cache format (``quant``: planes, byte ``p`` of a token
 
 - codes are read as 32-bit words and turned into 16-bit floats two words at a time
   (``quant.pairs_asm``): each output register holds the same byte of both words, so the pair an
-  MMA operand register holds is chosen by which two words meet.
+  MMA operand register holds is chosen by which two words meet.  4-bit codes become fp16 in place
+  (``quant.fp16_nibble_pairs_asm``, ``FP16_FOUR_BIT``) whatever the queries' dtype, and the
+  MMAs of those segments run in fp16: the queries are scaled per head so that ``q * s`` fits
+  fp16, the value offsets enter each tile's MMA (``_partials``).
 - scores are computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: keys are the A operand
   (slots fill the MMA's 16 rows, up to 8 query heads its 8 columns).  A thread reads 16
   contiguous bytes of one slot (8 at W = 32); the operand layout holds them once the channels
@@ -58,15 +61,20 @@ STAGES = 2                 # tiles in flight per program (the ring of async copi
 # 12 programs can share an SM (their rings fit its shared memory; how many are launched:
 # ``triton_decode.GLUON_PROGRAMS_PER_SM``).  With the queries in shared memory and the tiles
 # of a key group in a runtime loop, ptxas takes 157 registers at 4 bits under the cap (168
-# without it) and at 2 bits, with the sums kept per slot (``SUM_LATE``), 168 (208 without
+# without it; 168 with the fp16 conversion of session 24) and at 2 bits, with the sums kept per slot (``SUM_LATE``), 168 (208 without
 # it), with no spills (H200, BENCHMARKS.md, issue 3, sessions 14, 15 and 19; offline sm_90
 # compiles with Triton 3.6's ptxas).  With other warps to switch to, a ring of 2 (one tile
 # ahead) is as fast as 3 or 4 (session 14).
 MAX_REGISTERS = {4: 168, 2: 168}
 # Per code width: the tile's running sums over slots (softmax denominator, value column terms)
 # kept per slot and reduced across lanes once per program instead of once per tile.  At 2 bits
-# 1.04x at 128K batch 1 on 4/2; at 4 bits 0.97x (H200, BENCHMARKS.md, issue 3, session 19).
-SUM_LATE = {4: False, 2: True}
+# 1.04x at 128K batch 1 on 4/2 (H200, BENCHMARKS.md, issue 3, session 19); at 4 bits 0.97x
+# then, 1.01-1.03x since the fp16 conversion moved the value terms into the MMAs (session 24).
+SUM_LATE = {4: True, 2: True}
+# 4-bit codes into fp16 in place whatever the queries' dtype (``quant.fp16_nibble_pairs_asm``:
+# 12 instructions per 16 codes instead of 16; with bf16 queries the MMAs then run in fp16):
+# see ``_partials``.  False: 4-bit codes as 2-bit ones (a measurement knob).
+FP16_FOUR_BIT = True
 HEADS = gl.constexpr(8)    # query heads per KV head at most (the MMA's N)
 QROWS = gl.constexpr(16)   # rows per (sequence, KV head) of the partial buffers (triton_decode)
 LOG2E = 1.4426950408889634
@@ -181,13 +189,25 @@ def layouts(W: int, BN: int) -> dict:
 
 
 def plane_constants(bits: int, dtype: torch.dtype) -> dict:
-    """The constexprs of ``_partials`` that describe the code conversion: ``ASM``
-    (``quant.pairs_asm``), ``MAGIC_C`` (plane 0's offset plus the middle code) and ``DM1..DM3``
-    (plane 0's offset minus plane j's; 0 past the last plane)."""
+    """The constexprs of ``_partials`` that describe the code conversion.  ``F16``: 4-bit codes
+    into fp16 (``FP16_FOUR_BIT``).  Keys: ``KASM`` (the conversion), ``MAGIC_C`` (plane 0's
+    float offset plus the middle code) and ``DM1..DM3`` (plane 0's offset minus plane j's; 0
+    past the last plane), ``KS1`` (plane 1's operand scale: 1 / its code step).  Values:
+    ``VASM``, and without F16 the same offsets (with F16 their offsets enter each tile's MMA
+    instead: ``_partials``).  ``MID``: the middle code."""
+    mid = quant.middle_code(bits)
+    if FP16_FOUR_BIT and bits == 4:
+        base, steps = quant.FP16_NIBBLE_BASE, quant.FP16_NIBBLE_STEPS
+        asm = quant.fp16_nibble_pairs_asm()
+        # plane 1's 1024 + 16 c is 16 * (64 + c): offset 64 with the operand scaled by 1/16
+        return dict(F16=True, KASM=asm, VASM=asm, MAGIC_C=base + mid,
+                    DM1=base - base / steps[1], DM2=0.0, DM3=0.0, KS1=1.0 / steps[1],
+                    VB1=steps[1], VBASE=base, MID=mid)
     offsets = quant.plane_offsets(bits, dtype) + (0.0,) * (4 - 8 // bits)
     dm = {f"DM{j}": offsets[0] - offsets[j] if j < 8 // bits else 0.0 for j in (1, 2, 3)}
-    return dict(ASM=quant.pairs_asm(bits, dtype), MAGIC_C=offsets[0] + quant.middle_code(bits),
-                **dm)
+    asm = quant.pairs_asm(bits, dtype)
+    return dict(F16=False, KASM=asm, VASM=asm, MAGIC_C=offsets[0] + mid, **dm, KS1=1.0,
+                VB1=1.0, VBASE=0.0, MID=mid)
 
 
 @gluon.jit
@@ -279,15 +299,16 @@ def _key_labels(x, W: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def _group_queries(q, ks_plane, km_plane, W: gl.constexpr, MAGIC_C: gl.constexpr,
-                   DT: gl.constexpr, QL: gl.constexpr, QB: gl.constexpr, GL: gl.constexpr):
+                   DT: gl.constexpr, QL: gl.constexpr, QB: gl.constexpr, GL: gl.constexpr,
+                   SC: gl.constexpr = 1.0):
     """A plane's B operand ``qs = q * s`` [W labels, HEADS] (DT) for a key group, and its
     column terms ``sum(q * mid - MAGIC_C * qs)`` [HEADS], ``MAGIC_C`` the plane's float offset
     plus the middle code; ``ks_plane``/``km_plane``: the plane's scales and middles [W] (fp16,
     by byte) in shared memory."""
     ks = _key_labels(ks_plane.load(GL), W, gl.SliceLayout(1, QL)).to(gl.float32)
     km = _key_labels(km_plane.load(GL), W, gl.SliceLayout(1, QL)).to(gl.float32)
-    qs = (q * ks[:, None]).to(DT)
-    z = gl.sum(q * km[:, None] - MAGIC_C * qs.to(gl.float32), axis=0)
+    qs = (q * ks[:, None] * SC).to(DT)
+    z = gl.sum(q * km[:, None] - (MAGIC_C / SC) * qs.to(gl.float32), axis=0)
     return gl.convert_layout(qs, QB, assert_trivial=True), z
 
 
@@ -325,7 +346,9 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               s_vsb, s_vsh, s_pb, s_bb,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
               HAS_BIAS: gl.constexpr, MAGIC_C: gl.constexpr, DM1: gl.constexpr,
-              DM2: gl.constexpr, DM3: gl.constexpr, ASM: gl.constexpr,
+              DM2: gl.constexpr, DM3: gl.constexpr, F16: gl.constexpr, KASM: gl.constexpr,
+              VASM: gl.constexpr, KS1: gl.constexpr, VB1: gl.constexpr, VBASE: gl.constexpr,
+              MID: gl.constexpr,
               BN: gl.constexpr, NS: gl.constexpr, SUM_LATE: gl.constexpr,
               MMA: gl.constexpr, KEY: gl.constexpr,
               VALUE: gl.constexpr, QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr,
@@ -347,7 +370,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     ``SUM_LATE``: the running sums over slots are reduced once, after the loop (``SUM_LATE``
     at module level).  GDC_NEXT / GDC_WAIT: the grid-dependency steps of a programmatic
     dependent launch (``triton_decode.PDL``)."""
-    DT: gl.constexpr = Q.dtype.element_ty
+    QT: gl.constexpr = Q.dtype.element_ty
+    DT: gl.constexpr = gl.float16 if F16 else QT     # the MMAs' 16-bit operands
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
     TILES: gl.constexpr = GROUP // BN
@@ -371,10 +395,25 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     # group, instead of living in fp32 registers through the loop (session 15: 1.02-1.07x,
     # with the runtime tile loop below); the first tile's barrier orders these stores before
     # the loads
-    q_buf = gl.allocate_shared_memory(DT, [PER, W, HEADS], gl.SwizzledSharedLayout(1, 1, 1,
+    q_buf = gl.allocate_shared_memory(QT, [PER, W, HEADS], gl.SwizzledSharedLayout(1, 1, 1,
                                                                                   [1, 0]))
+    # fp16 operands (F16) whatever the queries' dtype: each head's queries are scaled by
+    # f = 0.99 / max |q| (qf = qscale * f), so that q * s fits fp16 for every key scale s (the
+    # cache stores them in fp16); the head's scores come out times f and are scaled back by
+    # inv = 1 / f inside the max and the exponent (one FFMA per score instead of one FADD)
+    qmax = gl.zeros([HEADS], gl.float32, layout=gl.SliceLayout(0, QL))
     for j in gl.static_range(PER):
-        q_buf.index(j).store(_queries(q_col, q_ok, k_lab, j, W))
+        qj = _queries(q_col, q_ok, k_lab, j, W)
+        q_buf.index(j).store(qj)
+        if F16:
+            qmax = gl.maximum(qmax, gl.max(gl.abs(qj.to(gl.float32)), axis=0))
+    if F16:
+        qf = qscale * gl.where(qmax > 0, 0.99 / qmax, 1.0)
+        inv = gl.convert_layout(gl.where(qmax > 0, qmax * (1.0 / 0.99), 1.0),
+                                gl.SliceLayout(0, MMA))
+    else:
+        qf = gl.full([HEADS], qscale, gl.float32, layout=gl.SliceLayout(0, QL))
+        inv = gl.full([HEADS], 1.0, gl.float32, layout=gl.SliceLayout(0, MMA))
 
     # the ring: NS stages of a tile's code words, positions and value scales/middles, and the
     # key scales/middles of the group a stage's tile opens
@@ -445,19 +484,19 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                    km_buf, k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair,
                    ks_src, km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
             if t == 0:   # the group's B operands and column terms, plane by plane
-                q0 = q_buf.index(0).load(QL).to(gl.float32) * qscale
+                q0 = q_buf.index(0).load(QL).to(gl.float32) * qf[None, :]
                 ksv = ks_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
                 kmv = km_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
                 qs0, z = _group_queries(q0, ksv.slice(0, W), kmv.slice(0, W), W, MAGIC_C, DT,
                                         QL, QB, GL)
                 if PER > 1:
-                    q1 = q_buf.index(1).load(QL).to(gl.float32) * qscale
+                    q1 = q_buf.index(1).load(QL).to(gl.float32) * qf[None, :]
                     qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W,
-                                             MAGIC_C - DM1, DT, QL, QB, GL)
+                                             MAGIC_C - DM1, DT, QL, QB, GL, KS1)
                     z += z1
                 if PER > 2:
-                    q2 = q_buf.index(2).load(QL).to(gl.float32) * qscale
-                    q3 = q_buf.index(3).load(QL).to(gl.float32) * qscale
+                    q2 = q_buf.index(2).load(QL).to(gl.float32) * qf[None, :]
+                    q3 = q_buf.index(3).load(QL).to(gl.float32) * qf[None, :]
                     qs2, z2 = _group_queries(q2, ksv.slice(2 * W, W), kmv.slice(2 * W, W), W,
                                              MAGIC_C - DM2, DT, QL, QB, GL)
                     qs3, z3 = _group_queries(q3, ksv.slice(3 * W, W), kmv.slice(3 * W, W), W,
@@ -474,38 +513,62 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             # scores S^T in log2 units: the planes' (offset + code) . qs, plus the column terms
             s = gl.zeros([BN, HEADS], gl.float32, layout=MMA) + z[None, :]
             if PER == 2:
-                k00, k01, k02, k03, k10, k11, k12, k13 = _unpack(kx, ASM, PER, qs0)
+                k00, k01, k02, k03, k10, k11, k12, k13 = _unpack(kx, KASM, PER, qs0)
                 s = mma_v2(_key_operand(_bytes(k00, k01, k02, k03, W), W, KA), qs0, s)
                 s = mma_v2(_key_operand(_bytes(k10, k11, k12, k13, W), W, KA), qs1, s)
             else:
                 (k00, k01, k02, k03, k10, k11, k12, k13,
-                 k20, k21, k22, k23, k30, k31, k32, k33) = _unpack(kx, ASM, PER, qs0)
+                 k20, k21, k22, k23, k30, k31, k32, k33) = _unpack(kx, KASM, PER, qs0)
                 s = mma_v2(_key_operand(_bytes(k00, k01, k02, k03, W), W, KA), qs0, s)
                 s = mma_v2(_key_operand(_bytes(k10, k11, k12, k13, W), W, KA), qs1, s)
                 s = mma_v2(_key_operand(_bytes(k20, k21, k22, k23, W), W, KA), qs2, s)
                 s = mma_v2(_key_operand(_bytes(k30, k31, k32, k33, W), W, KA), qs3, s)
             ok = live & (pos >= 0)
             if HAS_BIAS:
-                s += bias[:, None]
+                if F16:
+                    s += bias[:, None] / inv[None, :]
+                else:
+                    s += bias[:, None]
             s = gl.where(ok[:, None], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+            if F16:
+                m_new = gl.maximum(m_i, gl.max(s, axis=0) * inv)
+            else:
+                m_new = gl.maximum(m_i, gl.max(s, axis=0))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s - m_safe[None, :])
+            if F16:
+                p = gl.exp2(s * inv[None, :] - m_safe[None, :])
+            else:
+                p = gl.exp2(s - m_safe[None, :])
             alpha = gl.exp2(m_i - m_safe)
             vsc = vs_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
                 gl.SliceLayout(1, MMA))
             vmd = vm_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
                 gl.SliceLayout(1, MMA))
             pw = (p * vsc.to(gl.float32)[:, None]).to(DT)
-            r_tile = p * vmd.to(gl.float32)[:, None] - MAGIC_C * pw.to(gl.float32)
             if SUM_LATE:
                 l_i = l_i * alpha[None, :] + p
-                r_i = r_i * alpha[None, :] + r_tile
             else:
                 l_i = l_i * alpha + gl.sum(p, axis=0)
-                r_i = r_i * alpha + gl.sum(r_tile, axis=0)
-            if PLANE_OFFSETS:
-                w_acc = w_acc * alpha[None, :] + pw.to(gl.float32)
+            v0i = zero   # where each plane's tile MMA starts
+            v1i = zero
+            if F16:
+                # the value offsets and middles enter each tile's MMAs, so that the accumulators
+                # hold the output itself: plane j's codes come as VBASE + b_j * c (b_0 = 1,
+                # b_1 = VB1), its MMA starts from b_j * sum(p * mid) - (VBASE + b_j * MID) *
+                # sum(p * s) (the offset cancels inside one tile's sum, never against a long
+                # running sum: session 24's long-chunk test failed with it left in)
+                sa = gl.sum(p * vmd.to(gl.float32)[:, None], axis=0)
+                sb = gl.sum(pw.to(gl.float32), axis=0)
+                v0i = zero + (sa - (VBASE + MID) * sb)[None, :]
+                v1i = zero + (VB1 * sa - (VBASE + VB1 * MID) * sb)[None, :]
+            else:
+                r_tile = p * vmd.to(gl.float32)[:, None] - MAGIC_C * pw.to(gl.float32)
+                if SUM_LATE:
+                    r_i = r_i * alpha[None, :] + r_tile
+                else:
+                    r_i = r_i * alpha + gl.sum(r_tile, axis=0)
+                if PLANE_OFFSETS:
+                    w_acc = w_acc * alpha[None, :] + pw.to(gl.float32)
             m_i = m_new
             pt = _transposed_probabilities(pw, PB)
             # each tile's p @ v starts from zero in the tensor cores and is added to the
@@ -515,14 +578,14 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
             a_col = alpha[None, :]
             vx = v_buf.index(st).load(VALUE)
             if PER == 2:
-                v00, v01, v02, v03, v10, v11, v12, v13 = _unpack(vx, ASM, PER, qs0)
+                v00, v01, v02, v03, v10, v11, v12, v13 = _unpack(vx, VASM, PER, pw)
                 acc0 = acc0 * a_col + mma_v2(
-                    _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, zero)
+                    _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, v0i)
                 acc1 = acc1 * a_col + mma_v2(
-                    _value_operand(_bytes(v10, v11, v12, v13, W), W, VA), pt, zero)
+                    _value_operand(_bytes(v10, v11, v12, v13, W), W, VA), pt, v1i)
             else:
                 (v00, v01, v02, v03, v10, v11, v12, v13,
-                 v20, v21, v22, v23, v30, v31, v32, v33) = _unpack(vx, ASM, PER, qs0)
+                 v20, v21, v22, v23, v30, v31, v32, v33) = _unpack(vx, VASM, PER, pw)
                 acc0 = acc0 * a_col + mma_v2(
                     _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, zero)
                 acc1 = acc1 * a_col + mma_v2(
@@ -543,14 +606,18 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     gl.store(L_OUT + idx, l_i, mask=h_ok)
     ch = _value_byte(gl.arange(0, W, layout=gl.SliceLayout(1, MMA)), W)
     out = ACC_OUT + idx[None, :] * D + ch[:, None]
-    r_col = r_i[None, :]
-    w_col = gl.sum(w_acc, axis=0)[None, :]
     h_ok = h_ok[None, :]
-    gl.store(out, acc0 + r_col, mask=h_ok)
-    if PER > 1:
-        gl.store(out + W, acc1 + (r_col + DM1 * w_col), mask=h_ok)
-    if PER > 2:
-        gl.store(out + 2 * W, acc2 + (r_col + DM2 * w_col), mask=h_ok)
-        gl.store(out + 3 * W, acc3 + (r_col + DM3 * w_col), mask=h_ok)
+    if F16:
+        gl.store(out, acc0, mask=h_ok)
+        gl.store(out + W, acc1 * (1.0 / VB1), mask=h_ok)
+    else:
+        r_col = r_i[None, :]
+        w_col = gl.sum(w_acc, axis=0)[None, :]
+        gl.store(out, acc0 + r_col, mask=h_ok)
+        if PER > 1:
+            gl.store(out + W, acc1 + (r_col + DM1 * w_col), mask=h_ok)
+        if PER > 2:
+            gl.store(out + 2 * W, acc2 + (r_col + DM2 * w_col), mask=h_ok)
+            gl.store(out + 3 * W, acc3 + (r_col + DM3 * w_col), mask=h_ok)
     if GDC_WAIT:   # this grid completes after the one it was launched behind
         gdc_wait()

@@ -409,6 +409,41 @@ def test_gluon_decode_stays_accurate_when_a_score_jumps_deep_in_a_chunk(dtype, h
     assert rel_err(out, ref) < 1.25 * rel_err(portable, ref)
 
 
+@pytest.mark.parametrize("hb,lb", [(4, 4), (4, 0)])
+def test_gluon_decode_fp16_operands_survive_bf16_queries_past_fp16_range(hb, lb):
+    """bf16 queries ~3e4 and keys ~300: ``q * s * scale`` reaches ~4e5, past fp16's 65504, and
+    the 4-bit segments run their MMAs in fp16 (``gluon_decode.FP16_FOUR_BIT``).  Each head's
+    queries are scaled to at most 0.99 before the product (``_partials``), so the output is
+    finite and matches the fp32 reference (attention one-hot at these logits); one head's
+    query is all zeros (uniform attention: the scaling's zero guard).  Only 4-bit segments: at
+    these logits (~1e7) a 2-bit segment's bf16 operands (8-bit mantissa) already misrank
+    near-tied keys, which gave 0.19 at 4/2 on an H200 (session 24) with finite outputs."""
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import gluon_decode, triton_decode
+
+    if triton_decode._gluon_decode() is None:
+        pytest.skip("this Triton has no Gluon")
+    assert gluon_decode.FP16_FOUR_BIT
+    gen = torch.Generator(device="cuda").manual_seed(24 + lb)
+    B, Hkv, n, d = 2, 4, 8192, 128
+    q = torch.randn(B, 28, 1, d, device="cuda", generator=gen) * 3e4
+    q[:, 3] = 0.0
+    q = q.to(torch.bfloat16)
+    k = (torch.randn(B, Hkv, n, d, device="cuda", generator=gen) * 300).to(torch.bfloat16)
+    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args = load_benchmark("decode_attention").mixed_cache(k, v, hb, lb, gen)
+    segs = da.segments(*args)
+    four = [s for s in segs if s.bits == 4]
+    assert four and all(gluon_decode.supported(s, q) for s in four)
+    biggest = max((q.float().abs().amax() * s.ks.float().abs().amax()).item() for s in four)
+    assert biggest * d ** -0.5 * 1.4427 > 65504
+    ref = da.reference(q.float(), fp32_segments(segs), None, d ** -0.5)
+    out = torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < DECODE_TOL[torch.bfloat16]
+    assert rel_err(out[:, 3], ref[:, 3]) < DECODE_TOL[torch.bfloat16]
+
+
 def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monkeypatch):
     """At 64K batch 1, 4/2, the per-width rule (8 + 12 programs per SM) gives chunks of one key
     group; the short-chunk rule (``GLUON_SHORT_CHUNK_SLOTS``) shares 8 per SM by slots, chunks

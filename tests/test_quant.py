@@ -180,3 +180,20 @@ def test_pairs_ptx_turns_two_words_into_plane_offset_plus_code(bits, dtype):
         want = [offsets[j] + ((w >> 8 * i + j * bits) & ((1 << bits) - 1))
                 for j in range(per) for i in range(4) for w in (a, b)]
         assert got == want, (hex(a), hex(b))
+
+
+def test_fp16_nibble_pairs_ptx_leaves_each_code_in_place_under_1024():
+    """The Gluon kernel's 4-bit PTX into fp16 (for either query dtype), emulated: output
+    4 * j + i holds the nibble of plane j in byte i of the first word (low half) and of the
+    second (high half) as the fp16 ``1024 + step_j * code`` (steps 1 and 16)."""
+    asm = quant.fp16_nibble_pairs_asm()
+    assert quant.FP16_NIBBLE_BASE == 1024.0 and quant.FP16_NIBBLE_STEPS == (1.0, 16.0)
+    gen = torch.Generator().manual_seed(2)
+    words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF] + \
+        torch.randint(0, 2 ** 32, (60,), generator=gen).tolist()
+    for a, b in zip(words, reversed(words)):
+        got = _halves(_run_ptx(asm, {"$8": a, "$9": b}), [f"${r}" for r in range(8)],
+                      torch.float16)
+        want = [1024.0 + (1.0, 16.0)[j] * ((w >> 8 * i + 4 * j) & 15)
+                for j in range(2) for i in range(4) for w in (a, b)]
+        assert got == want, (hex(a), hex(b))
