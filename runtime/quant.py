@@ -68,7 +68,9 @@ def float_magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
     with one integer OR (no int-to-float conversion) and subtracts ``m`` once per dot product.
     Only bf16 below 8 bits (``m = 128``); (0, 0.0) elsewhere (plain conversion).  fp16 has the
     same trick with ``m = 1024``, but subtracting ``1024 * sum(q * s)`` from a tensor-core fp32
-    sum cancels ~700x with 2-bit codes and failed the kernel's fp16 error bound on an H100."""
+    sum cancels ~700x with 2-bit codes and failed the kernel's fp16 error bound on an H100.
+    (The Gluon kernel's 4-bit segments do keep 1024 in, ``fp16_nibble_pairs_asm``, and cancel
+    it inside each tile's value MMA instead of against a long running sum.)"""
     if bits < 8 and dtype == torch.bfloat16:
         return 0x4300, 128.0      # bf16 [128, 256) has spacing 1
     return 0, 0.0
