@@ -366,8 +366,11 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     the heads its 8 columns.  ``MAGIC_C``: plane 0's float offset (``quant.plane_offsets``)
     plus the middle code (``quant.middle_code``); ``DM1..DM3``: plane 0's offset minus plane
     j's (the key column terms of plane j use ``MAGIC_C - DMj``; the values' plane j adds
-    ``DMj * sum(p * s)``, which one more running sum carries when any is non-zero).
-    ``SUM_LATE``: the running sums over slots are reduced once, after the loop (``SUM_LATE``
+    ``DMj * sum(p * s)``, which one more running sum carries when any is non-zero).  ``F16``
+    (``plane_constants``): fp16 MMA operands for 4-bit codes that come as ``VBASE + b_j * c``
+    (b_0 = 1, b_1 = VB1): the keys' plane-1 operand is scaled by KS1 = 1 / VB1, the queries
+    per head so that ``q * s`` fits fp16, and the value offsets enter each tile's MMA (no
+    running row sums).  ``SUM_LATE``: the running sums over slots are reduced once, after the loop (``SUM_LATE``
     at module level).  GDC_NEXT / GDC_WAIT: the grid-dependency steps of a programmatic
     dependent launch (``triton_decode.PDL``)."""
     QT: gl.constexpr = Q.dtype.element_ty
