@@ -61,10 +61,10 @@ STAGES = 2                 # tiles in flight per program (the ring of async copi
 # 12 programs can share an SM (their rings fit its shared memory; how many are launched:
 # ``triton_decode.GLUON_PROGRAMS_PER_SM``).  With the queries in shared memory and the tiles
 # of a key group in a runtime loop, ptxas takes 157 registers at 4 bits under the cap (168
-# without it; 168 with the fp16 conversion of session 24) and at 2 bits, with the sums kept per slot (``SUM_LATE``), 168 (208 without
-# it), with no spills (H200, BENCHMARKS.md, issue 3, sessions 14, 15 and 19; offline sm_90
-# compiles with Triton 3.6's ptxas).  With other warps to switch to, a ring of 2 (one tile
-# ahead) is as fast as 3 or 4 (session 14).
+# without it; 168 with session 24's fp16 conversion) and at 2 bits, with the sums kept per
+# slot (``SUM_LATE``), 168 (208 without it), with no spills (H200, BENCHMARKS.md, issue 3,
+# sessions 14, 15 and 19; offline sm_90 compiles with Triton 3.6's ptxas).  With other warps
+# to switch to, a ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).
 MAX_REGISTERS = {4: 168, 2: 168}
 # Per code width: the tile's running sums over slots (softmax denominator, value column terms)
 # kept per slot and reduced across lanes once per program instead of once per tile.  At 2 bits
@@ -192,22 +192,22 @@ def plane_constants(bits: int, dtype: torch.dtype) -> dict:
     """The constexprs of ``_partials`` that describe the code conversion.  ``F16``: 4-bit codes
     into fp16 (``FP16_FOUR_BIT``).  Keys: ``KASM`` (the conversion), ``MAGIC_C`` (plane 0's
     float offset plus the middle code) and ``DM1..DM3`` (plane 0's offset minus plane j's; 0
-    past the last plane), ``KS1`` (plane 1's operand scale: 1 / its code step).  Values:
-    ``VASM``, and without F16 the same offsets (with F16 their offsets enter each tile's MMA
-    instead: ``_partials``).  ``MID``: the middle code."""
+    past the last plane).  Values: ``VASM``, and without F16 the same offsets (with F16 their
+    offsets enter each tile's MMA instead: ``_partials``).  ``VB1``: plane 1's code step
+    (codes come as ``VBASE + VB1 * c``; 1 without F16).  ``MID``: the middle code."""
     mid = quant.middle_code(bits)
     if FP16_FOUR_BIT and bits == 4:
         base, steps = quant.FP16_NIBBLE_BASE, quant.FP16_NIBBLE_STEPS
         asm = quant.fp16_nibble_pairs_asm()
         # plane 1's 1024 + 16 c is 16 * (64 + c): offset 64 with the operand scaled by 1/16
         return dict(F16=True, KASM=asm, VASM=asm, MAGIC_C=base + mid,
-                    DM1=base - base / steps[1], DM2=0.0, DM3=0.0, KS1=1.0 / steps[1],
-                    VB1=steps[1], VBASE=base, MID=mid)
+                    DM1=base - base / steps[1], DM2=0.0, DM3=0.0, VB1=steps[1], VBASE=base,
+                    MID=mid)
     offsets = quant.plane_offsets(bits, dtype) + (0.0,) * (4 - 8 // bits)
     dm = {f"DM{j}": offsets[0] - offsets[j] if j < 8 // bits else 0.0 for j in (1, 2, 3)}
     asm = quant.pairs_asm(bits, dtype)
-    return dict(F16=False, KASM=asm, VASM=asm, MAGIC_C=offsets[0] + mid, **dm, KS1=1.0,
-                VB1=1.0, VBASE=0.0, MID=mid)
+    return dict(F16=False, KASM=asm, VASM=asm, MAGIC_C=offsets[0] + mid, **dm, VB1=1.0,
+                VBASE=0.0, MID=mid)
 
 
 @gluon.jit
@@ -347,8 +347,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
               HAS_BIAS: gl.constexpr, MAGIC_C: gl.constexpr, DM1: gl.constexpr,
               DM2: gl.constexpr, DM3: gl.constexpr, F16: gl.constexpr, KASM: gl.constexpr,
-              VASM: gl.constexpr, KS1: gl.constexpr, VB1: gl.constexpr, VBASE: gl.constexpr,
-              MID: gl.constexpr,
+              VASM: gl.constexpr, VB1: gl.constexpr, VBASE: gl.constexpr, MID: gl.constexpr,
               BN: gl.constexpr, NS: gl.constexpr, SUM_LATE: gl.constexpr,
               MMA: gl.constexpr, KEY: gl.constexpr,
               VALUE: gl.constexpr, QL: gl.constexpr, GL: gl.constexpr, QB: gl.constexpr,
@@ -370,11 +369,12 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     (``plane_constants``): fp16 MMA operands for 4-bit codes that come as ``VBASE + b_j * c``
     (b_0 = 1, b_1 = VB1): the keys' plane-1 operand is scaled by KS1 = 1 / VB1, the queries
     per head so that ``q * s`` fits fp16, and the value offsets enter each tile's MMA (no
-    running row sums).  ``SUM_LATE``: the running sums over slots are reduced once, after the loop (``SUM_LATE``
-    at module level).  GDC_NEXT / GDC_WAIT: the grid-dependency steps of a programmatic
-    dependent launch (``triton_decode.PDL``)."""
+    running row sums).  ``SUM_LATE``: the running sums over slots are reduced once, after
+    the loop (``SUM_LATE`` at module level).  GDC_NEXT / GDC_WAIT: the grid-dependency steps
+    of a programmatic dependent launch (``triton_decode.PDL``)."""
     QT: gl.constexpr = Q.dtype.element_ty
     DT: gl.constexpr = gl.float16 if F16 else QT     # the MMAs' 16-bit operands
+    KS1: gl.constexpr = 1.0 / VB1                    # plane 1's key operand scale
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
     TILES: gl.constexpr = GROUP // BN
@@ -416,7 +416,6 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
                                 gl.SliceLayout(0, MMA))
     else:
         qf = gl.full([HEADS], qscale, gl.float32, layout=gl.SliceLayout(0, QL))
-        inv = gl.full([HEADS], 1.0, gl.float32, layout=gl.SliceLayout(0, MMA))
 
     # the ring: NS stages of a tile's code words, positions and value scales/middles, and the
     # key scales/middles of the group a stage's tile opens

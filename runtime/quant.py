@@ -164,34 +164,40 @@ FP16_NIBBLE_STEPS = (1.0, 16.0)
 @functools.lru_cache(maxsize=None)
 def fp16_nibble_pairs_asm() -> str:
     """``pairs_asm``'s job for 4-bit codes, into fp16 whatever the queries' dtype, with the
-    codes left in place: per byte i one permute puts byte i of ``a`` ($8) and of ``b`` ($9) in
-    both halves, then one AND-OR per plane puts the fp16 exponent of 1024 above it, so that
-    output ``4 * j + i`` holds ``FP16_NIBBLE_BASE + FP16_NIBBLE_STEPS[j] * c`` (fp16 [1024,
-    2048) has spacing 1; plane 1's nibble sits 4 bits up).  12 instructions per 16 codes
-    (``pairs_asm``: 16)."""
-    lines = []
-    for i in range(4):
-        lines.append(f"prmt.b32 u, $8, $9, 0x{4 + i:X}{4 + i:X}{i:X}{i:X};")
-        lines.append(f"lop3.b32 ${i}, u, 0x000F000F, 0x64006400, 0xEA;")
-        lines.append(f"lop3.b32 ${4 + i}, u, 0x00F000F0, 0x64006400, 0xEA;")
-    return "{ .reg .b32 u; " + " ".join(lines) + " }"
+    codes left in place (``_in_place_asm``): plane j's nibble (bits 4j .. 4j + 3 of each byte)
+    under the fp16 exponent of 1024, so that output ``4 * j + i`` holds ``FP16_NIBBLE_BASE +
+    FP16_NIBBLE_STEPS[j] * c`` (fp16 [1024, 2048) has spacing 1; plane 1's nibble sits 4 bits
+    up) for the words ``$8`` and ``$9``.  12 instructions per 16 codes (``pairs_asm``: 16)."""
+    return _in_place_asm("$8", "$9", [(0, 0xF << 4 * j, 0x6400) for j in range(2)])
 
 
 def _pairs_asm_in_place(a: str, b: str) -> str:
     """``pairs_asm`` of bf16 2-bit codes: output 4 * j + i = bf16 (o_j + code) of plane j,
-    byte i, of ``a`` (low half) and ``b`` (high half), under ``IN_PLACE_FILLS``."""
+    byte i, of ``a`` (low half) and ``b`` (high half), under ``IN_PLACE_FILLS``: planes 0-2
+    in place, plane 3 (bits 6-7, past bf16's 7-bit mantissa) shifted down by 2 first."""
+    planes = [(0, 3 << 2 * j, IN_PLACE_FILLS[j]) for j in range(3)]
+    return _in_place_asm(a, b, planes + [(2, 3 << 4, IN_PLACE_FILLS[3])])
+
+
+def _in_place_asm(a: str, b: str, planes) -> str:
+    """PTX turning the 32-bit words ``a``, ``b`` into 16-bit floats without moving the codes:
+    per byte i, one permute puts byte i of ``a`` and of ``b`` in the low byte of both halves
+    of ``u``; then per plane j, given as (shift, mask, fill), one AND-OR writes output
+    ``4 * j + i`` = ``((u >> shift) & mask) | fill`` in both halves (the shift, when not 0,
+    one more instruction)."""
     lines = []
     for i in range(4):
         lines.append(f"prmt.b32 u, {a}, {b}, 0x{4 + i:X}{4 + i:X}{i:X}{i:X};")
-        for j in range(4):
-            src, bit = ("u", 2 * j) if j < 3 else ("x", 4)
-            if j == 3:
-                lines.append("shr.b32 x, u, 2;")
-            mask = (3 << bit) * 0x10001
+        for j, (shift, mask, fill) in enumerate(planes):
+            src = "u"
+            if shift:
+                lines.append(f"shr.b32 x, u, {shift};")
+                src = "x"
             # (src & mask) | fill: LUT 0xEA over (a, b, c) = (0xF0, 0xCC, 0xAA)
-            lines.append(f"lop3.b32 ${4 * j + i}, {src}, 0x{mask:08X}, "
-                         f"0x{IN_PLACE_FILLS[j] * 0x10001:08X}, 0xEA;")
-    return "{ .reg .b32 u, x; " + " ".join(lines) + " }"
+            lines.append(f"lop3.b32 ${4 * j + i}, {src}, 0x{mask * 0x10001:08X}, "
+                         f"0x{fill * 0x10001:08X}, 0xEA;")
+    regs = "u, x" if any(shift for shift, _, _ in planes) else "u"
+    return "{ .reg .b32 " + regs + "; " + " ".join(lines) + " }"
 
 
 def middle_code(bits: int) -> float:

@@ -436,7 +436,7 @@ def test_gluon_decode_fp16_operands_survive_bf16_queries_past_fp16_range(hb, lb)
     four = [s for s in segs if s.bits == 4]
     assert four and all(gluon_decode.supported(s, q) for s in four)
     biggest = max((q.float().abs().amax() * s.ks.float().abs().amax()).item() for s in four)
-    assert biggest * d ** -0.5 * 1.4427 > 65504
+    assert biggest * d ** -0.5 * gluon_decode.LOG2E > 65504
     ref = da.reference(q.float(), fp32_segments(segs), None, d ** -0.5)
     out = torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
     assert torch.isfinite(out).all()

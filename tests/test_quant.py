@@ -139,6 +139,13 @@ def _halves(regs: dict[str, int], names, dtype) -> list[float]:
     return got.view(dtype).float().tolist()
 
 
+def _pair_words(seed: int) -> list[int]:
+    """Words for the pair-PTX tests: all zeros, all ones, two patterns, 60 random ones."""
+    gen = torch.Generator().manual_seed(seed)
+    return [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF] + \
+        torch.randint(0, 2 ** 32, (60,), generator=gen).tolist()
+
+
 def _run_plane_ptx(asm: str, word: int, dtype) -> list[float]:
     """``quant.plane_asm``'s four 16-bit results ($0's low and high half, then $1's)."""
     return _halves(_run_ptx(asm, {"$2": word}), ("$0", "$1"), dtype)
@@ -171,9 +178,7 @@ def test_pairs_ptx_turns_two_words_into_plane_offset_plus_code(bits, dtype):
     asm = quant.pairs_asm(bits, dtype)
     offsets = quant.plane_offsets(bits, dtype)
     assert len(offsets) == per
-    gen = torch.Generator().manual_seed(1)
-    words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF] + \
-        torch.randint(0, 2 ** 32, (60,), generator=gen).tolist()
+    words = _pair_words(1)
     for a, b in zip(words, reversed(words)):
         regs = _run_ptx(asm, {f"${4 * per}": a, f"${4 * per + 1}": b})
         got = _halves(regs, [f"${r}" for r in range(4 * per)], dtype)
@@ -188,9 +193,7 @@ def test_fp16_nibble_pairs_ptx_leaves_each_code_in_place_under_1024():
     second (high half) as the fp16 ``1024 + step_j * code`` (steps 1 and 16)."""
     asm = quant.fp16_nibble_pairs_asm()
     assert quant.FP16_NIBBLE_BASE == 1024.0 and quant.FP16_NIBBLE_STEPS == (1.0, 16.0)
-    gen = torch.Generator().manual_seed(2)
-    words = [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF] + \
-        torch.randint(0, 2 ** 32, (60,), generator=gen).tolist()
+    words = _pair_words(2)
     for a, b in zip(words, reversed(words)):
         got = _halves(_run_ptx(asm, {"$8": a, "$9": b}), [f"${r}" for r in range(8)],
                       torch.float16)
