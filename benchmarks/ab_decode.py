@@ -4,10 +4,11 @@ graphs, Qwen2-7B layer shape) per variant, best of ``--rounds`` interleaved roun
 A variant is a file with the shape of ``zipvl_compile/runtime/gluon_decode.py`` (the Gluon
 kernel of the 2- and 4-bit segments), loaded as a module of ``zipvl_compile.runtime`` and used
 in place of the installed one (``NAME=PATH``), the installed module itself (``installed``), or
-the installed module with launch settings of ``triton_decode`` changed for that variant
-(``NAME:SETTING=VALUE;SETTING=VALUE``, values as Python literals).  ``diff``: relative
-L2 difference of each output against the first variant's (a different instruction order or
-chunking changes the fp32 summation order: ~1e-3; a wrong kernel: ~1).
+the installed module or a file with launch settings of ``triton_decode`` changed for that
+variant (``NAME:SETTING=VALUE;SETTING=VALUE`` or ``NAME=PATH:SETTING=VALUE``, values as Python
+literals).  ``diff``: relative L2 difference of each output against the first variant's (a
+different instruction order or chunking changes the fp32 summation order: ~1e-3; a wrong
+kernel: ~1).
 
 usage (repository root, on a GPU):
   python benchmarks/ab_decode.py --variant before=old_gluon_decode.py --variant installed \\
@@ -99,20 +100,16 @@ def main() -> None:
     from zipvl_compile.runtime import gluon_decode
     variants = {}
     for spec in args.variant:
-        if ":" in spec:
-            name, _, assignments = spec.partition(":")
-            settings = {}
-            for item in assignments.split(";"):
-                key, _, value = item.partition("=")
-                if not hasattr(triton_decode, key):
-                    ap.error(f"triton_decode has no setting {key!r}")
-                settings[key] = ast.literal_eval(value)
-                DEFAULTS.setdefault(key, getattr(triton_decode, key))
-            variants[name] = (gluon_decode, settings)
-            continue
-        name, _, path = spec.partition("=")
-        variants[name] = (gluon_decode if name == "installed" and not path else
-                          load_variant(name, path), {})
+        head, _, assignments = spec.partition(":")
+        settings = {}
+        for item in assignments.split(";") if assignments else ():
+            key, _, value = item.partition("=")
+            if not hasattr(triton_decode, key):
+                ap.error(f"triton_decode has no setting {key!r}")
+            settings[key] = ast.literal_eval(value)
+            DEFAULTS.setdefault(key, getattr(triton_decode, key))
+        name, _, path = head.partition("=")
+        variants[name] = (load_variant(name, path) if path else gluon_decode, settings)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     rows = compare(variants, shapes, args.bits.split(","), args.rounds)
     use(gluon_decode, {})

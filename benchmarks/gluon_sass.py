@@ -8,7 +8,7 @@ arguments are marked divisible by 16, as the launcher specializes the benchmark'
 the registers match the device's.
 
 usage: python benchmarks/gluon_sass.py [--file gluon_decode.py] [--bits 2] [--dtype bf16]
-                                       [--sass out.sass]
+                                       [--sass out.sass] [--uncapped]
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def load(path: str | None):
     return module
 
 
-def compile_sm90(gd, bits: int, dtype: torch.dtype):
-    """(cubin bytes, shared memory bytes) of ``gd._partials`` for sm_90."""
+def compile_sm90(gd, bits: int, dtype: torch.dtype, capped: bool = True):
+    """(cubin bytes, shared memory bytes) of ``gd._partials`` for sm_90 (``capped``: under
+    ``gd.MAX_REGISTERS``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as tcompile
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -61,7 +62,7 @@ def compile_sm90(gd, bits: int, dtype: torch.dtype):
         if sig[name] != "fp32" and name not in ("Hkv", "n_heads_per_kv", "chunk_offset",
                                                 "n_chunks_total"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    opts = gd.options(bits)
+    opts = gd.options(bits, capped)
     kernel = tcompile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                       options=opts)
     return kernel.asm["cubin"], kernel.metadata.shared
@@ -89,11 +90,13 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4))
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--sass", help="also write the SASS here")
+    ap.add_argument("--uncapped", action="store_true",
+                    help="without the register cap (launches of few programs per SM)")
     args = ap.parse_args()
     import triton
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    cubin, shared = compile_sm90(load(args.file), args.bits, dtype)
+    cubin, shared = compile_sm90(load(args.file), args.bits, dtype, not args.uncapped)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")

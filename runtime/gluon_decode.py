@@ -64,7 +64,8 @@ STAGES = 2                 # tiles in flight per program (the ring of async copi
 # without it; 168 with session 24's fp16 conversion) and at 2 bits, with the sums kept per
 # slot (``SUM_LATE``), 168 (208 without it), with no spills (H200, BENCHMARKS.md, issue 3,
 # sessions 14, 15 and 19; offline sm_90 compiles with Triton 3.6's ptxas).  With other warps
-# to switch to, a ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).
+# to switch to, a ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).  Launches of
+# few programs per SM compile without it (``triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM``).
 MAX_REGISTERS = {4: 168, 2: 168}
 # Per code width: the tile's running sums over slots (softmax denominator, value column terms)
 # kept per slot and reduced across lanes once per program instead of once per tile.  At 2 bits
@@ -96,11 +97,12 @@ def supported(seg, q: torch.Tensor) -> bool:
 
 
 def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
-           pdl: tuple[bool, bool] = (False, False)) -> None:
+           pdl: tuple[bool, bool] = (False, False), capped: bool = True) -> None:
     """Partials of segment ``seg`` into the buffers of ``triton_decode.decode`` (chunks
     ``offset .. offset + count - 1`` of ``n_chunks``), chunks of ``chunk`` slots.  ``pdl``:
     (launched behind the previous kernel of the call, a kernel of the call follows), as
-    ``triton_decode.PDL`` decides."""
+    ``triton_decode.PDL`` decides; ``capped``: compiled under ``MAX_REGISTERS`` (False: few
+    programs per SM are launched, ``triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM``)."""
     B, H, _, D = q.shape
     Hkv = seg.kd.shape[1]
     kw, vw = seg.kd.view(torch.int32), seg.vd.view(torch.int32)   # 4 code bytes per word
@@ -115,7 +117,7 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
         *ks.stride()[:3], *vw.stride()[:2], *vs.stride()[:2], seg.pos.stride(0),
         bias.stride(0) if bias is not None else 0,
         **constants(seg.bits, q.dtype, D, seg.group, bias is not None),
-        GDC_NEXT=pdl[1], GDC_WAIT=pdl[0], launch_pdl=pdl[0], **options(seg.bits))
+        GDC_NEXT=pdl[1], GDC_WAIT=pdl[0], launch_pdl=pdl[0], **options(seg.bits, capped))
 
 
 def constants(bits: int, dtype: torch.dtype, d: int, group: int, has_bias: bool) -> dict:
@@ -128,9 +130,10 @@ def constants(bits: int, dtype: torch.dtype, d: int, group: int, has_bias: bool)
                 **layouts(W, TILE))
 
 
-def options(bits: int) -> dict:
-    """Launch options of ``_partials`` for codes of ``bits`` bits."""
-    cap = MAX_REGISTERS[bits]
+def options(bits: int, capped: bool = True) -> dict:
+    """Launch options of ``_partials`` for codes of ``bits`` bits; ``capped``: under
+    ``MAX_REGISTERS`` (else ptxas' choice)."""
+    cap = MAX_REGISTERS[bits] if capped else 0
     return {"num_warps": 1, **({"maxnreg": cap} if cap else {})}
 
 

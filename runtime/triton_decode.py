@@ -69,6 +69,12 @@ GLUON_PROGRAMS_PER_SM = {4: 8, 2: 12}   # by code width
 # issue 3, session 18).  0: no such rule (a measurement knob).
 GLUON_SHORT_CHUNK_SLOTS = 384
 GLUON_SHORT_PROGRAMS_PER_SM = 8
+# Launches of at most this many Gluon programs per SM (all segments of a call together) compile
+# the Gluon kernel without ``gluon_decode.MAX_REGISTERS``: 2 one-warp programs per scheduler fit
+# at up to 255 registers, and ptxas takes 209 at 2 bits (167 at 4 bits).  At 128K batch 1, 4/2
+# (8 per SM by the short rule): 1.02-1.03x on an H200, the same elsewhere (BENCHMARKS.md,
+# issue 3, session 25).  0: always capped (a measurement knob).
+GLUON_UNCAPPED_PROGRAMS_PER_SM = 8
 # The merge: one program per query head and MERGE_BLOCK_D channels, the chunks read
 # next_power_of_2(chunks) at a time up to MERGE_BLOCK_C (one program per query head took 29 us
 # at 128K batch 1 over ~500 chunks, this 6 us; H100, BENCHMARKS.md).  256 instead of 128:
@@ -493,6 +499,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
         share = max(1, share)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile, options))
     n_chunks = sum(n for _, n, _, _ in plans)
+    capped = sum(gluon_programs) > GLUON_UNCAPPED_PROGRAMS_PER_SM * sms
     pdl = PDL and props is not None and torch.version.hip is None and props.major >= 9
     # (launched behind the previous kernel, a kernel follows) of the i-th kernel of the call
     steps = [(pdl and i > 0, pdl and i < len(plans)) for i in range(len(plans) + 1)]
@@ -506,7 +513,7 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     for seg, (chunk, count, tile, options), on_gluon, step in zip(segs, plans, gluon, steps):
         if on_gluon:
             gluon_decode.launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
-                                n_chunks, step)
+                                n_chunks, step, capped)
             offset += count
             continue
         quantized = seg.bits < 16

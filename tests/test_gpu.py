@@ -475,6 +475,48 @@ def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monk
     assert max(chunks[0]) < rule and min(chunks[rule]) > max(chunks[0])
 
 
+def test_gluon_launches_of_few_programs_compile_without_the_register_cap(monkeypatch):
+    """At 64K batch 1, 4/2 the short-chunk rule launches 8 Gluon programs per SM in all, at
+    most ``GLUON_UNCAPPED_PROGRAMS_PER_SM``: the kernels run without ``MAX_REGISTERS`` (the
+    2-bit one takes more registers than its cap) and give the same output, bit for bit, as
+    the capped ones."""
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import triton_decode
+
+    gluon = triton_decode._gluon_decode()
+    if gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    gen = torch.Generator(device="cuda").manual_seed(25)
+    B, Hkv, n, d = 1, 4, 65536, 128
+    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
+    q = torch.randn(B, 28, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    quantized = [s for s in da.segments(*args) if s.bits < 16]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
+    assert sum(programs) <= triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM * sms
+
+    def call_and_kernels():
+        """The output, and the Gluon kernels compiled by the call (the cache is cleared)."""
+        for entry in gluon._partials.device_caches.values():
+            entry[0].clear()
+        out = torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
+        torch.cuda.synchronize()
+        return out, [kern for entry in gluon._partials.device_caches.values()
+                     for kern in entry[0].values()]
+
+    uncapped, kernels = call_and_kernels()
+    assert len(kernels) == 2 and all(kern.metadata.maxnreg is None for kern in kernels)
+    assert max(kern.n_regs for kern in kernels) > gluon.MAX_REGISTERS[2]
+    monkeypatch.setattr(triton_decode, "GLUON_UNCAPPED_PROGRAMS_PER_SM", 0)
+    capped, kernels = call_and_kernels()
+    assert len(kernels) == 2 and all(kern.n_regs <= gluon.MAX_REGISTERS[4] for kern in kernels)
+    caps = {gluon.MAX_REGISTERS[b] for b in (2, 4)}
+    assert {kern.metadata.maxnreg for kern in kernels} == caps
+    assert torch.equal(uncapped, capped)
+
+
 @torch.no_grad()
 def test_compiled_generate_with_zipvl_cache_on_cuda():
     """LLaVA (random weights, fp32) on CUDA: the fused Triton decode reads a 16/16 cache to the
