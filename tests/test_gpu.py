@@ -285,6 +285,17 @@ def test_triton_decode_residual_window_in_the_merge_or_alone(dtype, in_merge, mo
     assert rel_err(out, ref) < DECODE_TOL[dtype]
 
 
+def benchmark_layer(B: int, n: int, seed: int, dtype=torch.bfloat16) -> tuple:
+    """(kernel args, queries [B, 28, 1, 128]) of the decode benchmark's Qwen2-7B layer: a 4/2
+    cache (a random half important) over random K/V [B, 4, n, 128] of ``dtype``, from
+    ``seed``."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn(B, 4, n, 128, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(B, 4, n, 128, device="cuda", dtype=dtype, generator=gen)
+    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
+    return args, torch.randn(B, 28, 1, 128, device="cuda", dtype=dtype, generator=gen)
+
+
 @pytest.mark.parametrize("dtype,in_merge", [(torch.bfloat16, True), (torch.bfloat16, False),
                                             (torch.float32, True)])
 def test_triton_decode_programmatic_launches_equal_plain_ones(dtype, in_merge, monkeypatch):
@@ -299,17 +310,12 @@ def test_triton_decode_programmatic_launches_equal_plain_ones(dtype, in_merge, m
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     monkeypatch.setattr(triton_decode, "MERGE_RESIDUAL", in_merge)
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    B, Hkv, n, d = 1, 4, 32768, 128
-    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=dtype, generator=gen)
-    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
-    q = torch.randn(B, 28, 1, d, device="cuda", dtype=dtype, generator=gen)
+    args, q = benchmark_layer(1, 32768, 7, dtype)
     segs = da.segments(*args)
     assert len(segs) == 3 and segs[-1].residual
 
     def call():
-        return torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
+        return torch.ops.zipvl.decode_attention(q, None, 128 ** -0.5, *args)
 
     monkeypatch.setattr(triton_decode, "PDL", False)
     plain = call()
@@ -453,12 +459,8 @@ def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monk
 
     if triton_decode._gluon_decode() is None:
         pytest.skip("this Triton has no Gluon")
-    gen = torch.Generator(device="cuda").manual_seed(18)
     B, Hkv, n, d = 1, 4, 65536, 128
-    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
-    q = torch.randn(B, 28, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args, q = benchmark_layer(B, n, 18, torch.bfloat16)
     segs = da.segments(*args)
     quantized = [s for s in segs if s.bits < 16]
     assert all(triton_decode._gluon_decode().supported(s, q) for s in quantized)
@@ -486,12 +488,8 @@ def test_gluon_launches_of_few_programs_compile_without_the_register_cap(monkeyp
     gluon = triton_decode._gluon_decode()
     if gluon is None:
         pytest.skip("this Triton has no Gluon")
-    gen = torch.Generator(device="cuda").manual_seed(25)
     B, Hkv, n, d = 1, 4, 65536, 128
-    k = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(B, Hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    args = load_benchmark("decode_attention").mixed_cache(k, v, 4, 2, gen)
-    q = torch.randn(B, 28, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args, q = benchmark_layer(B, n, 25, torch.bfloat16)
     quantized = [s for s in da.segments(*args) if s.bits < 16]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     programs = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
