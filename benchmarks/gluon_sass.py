@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 OP = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-BRANCH = re.compile(r"BRA\s+`?\(\.(L_x_\d+)\)")
+BRANCH = re.compile(r"BRA\s+(?:!?U?P\w+,\s*)?`?\(\.(L_x_\d+)\)")   # (BRA P0, `(.L_x_1))
 
 
 def load(path: str | None):
@@ -59,8 +59,8 @@ def compile_sm90(gd, bits: int, dtype: torch.dtype, capped: bool = True):
         sig[name] = pointers.get(name, "*i32" if name in ("KD", "KS", "KM", "VD", "VS", "VM",
                                                           "POS")
                                  else "fp32" if name == "qscale" else "i32")
-        if sig[name] != "fp32" and name not in ("Hkv", "n_heads_per_kv", "chunk_offset",
-                                                "n_chunks_total"):
+        if sig[name] != "fp32" and name not in ("Hkv", "n_heads_per_kv", "per", "extra",
+                                                "chunk_offset", "n_chunks_total"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     opts = gd.options(bits, capped)
     kernel = tcompile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),

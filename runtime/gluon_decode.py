@@ -65,7 +65,8 @@ STAGES = 2                 # tiles in flight per program (the ring of async copi
 # slot (``SUM_LATE``), 168 (208 without it), with no spills (H200, BENCHMARKS.md, issue 3,
 # sessions 14, 15 and 19; offline sm_90 compiles with Triton 3.6's ptxas).  With other warps
 # to switch to, a ring of 2 (one tile ahead) is as fast as 3 or 4 (session 14).  Launches of
-# few programs per SM compile without it (``triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM``).
+# few programs per SM compile without it (``triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM``, at
+# the code widths of ``triton_decode.GLUON_UNCAPPED_BITS``).
 MAX_REGISTERS = {4: 168, 2: 168}
 # Per code width: the tile's running sums over slots (softmax denominator, value column terms)
 # kept per slot and reduced across lanes once per program instead of once per tile.  At 2 bits
@@ -96,10 +97,22 @@ def supported(seg, q: torch.Tensor) -> bool:
                     for t in (seg.ks, seg.km) for i in range(3)))
 
 
-def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
+def chunk_tiles(slots: int, count: int) -> tuple[int, int]:
+    """(per, extra) of ``slots`` slots split into ``count`` chunks of whole tiles as evenly as
+    possible: chunk ``c`` spans ``per + (c < extra)`` tiles of ``TILE`` slots (``_partials``),
+    so that chunks differ by one tile at most; ``1 <= count <= ceil(slots / TILE)``."""
+    tiles = -(-slots // TILE)
+    if not 1 <= count <= tiles:
+        raise ValueError(f"count must be in [1, {tiles}] for {slots} slots (got {count})")
+    return tiles // count, tiles % count
+
+
+def launch(q, seg, bias, scale, m, den, acc, tiles, count, offset, n_chunks,
            pdl: tuple[bool, bool] = (False, False), capped: bool = True) -> None:
     """Partials of segment ``seg`` into the buffers of ``triton_decode.decode`` (chunks
-    ``offset .. offset + count - 1`` of ``n_chunks``), chunks of ``chunk`` slots.  ``pdl``:
+    ``offset .. offset + count - 1`` of ``n_chunks``); ``tiles`` = (per, extra): chunk ``c``
+    of a row spans ``per + (c < extra)`` tiles of ``TILE`` slots (``chunk_tiles``), clipped
+    at the segment's end, and may start inside a key group.  ``pdl``:
     (launched behind the previous kernel of the call, a kernel of the call follows), as
     ``triton_decode.PDL`` decides; ``capped``: compiled under ``MAX_REGISTERS`` (False: few
     programs per SM are launched, ``triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM``)."""
@@ -112,7 +125,7 @@ def launch(q, seg, bias, scale, m, den, acc, chunk, count, offset, n_chunks,
     dummy = q.new_empty(1)
     _partials[(B * Hkv, count)](
         q, kw, ks, km, vw, vs, vm, seg.pos,
-        bias if bias is not None else dummy, m, den, acc, seg.slots, Hkv, H // Hkv, chunk,
+        bias if bias is not None else dummy, m, den, acc, seg.slots, Hkv, H // Hkv, *tiles,
         offset, n_chunks, scale * LOG2E, q.stride(0), q.stride(1), *kw.stride()[:2],
         *ks.stride()[:3], *vw.stride()[:2], *vs.stride()[:2], seg.pos.stride(0),
         bias.stride(0) if bias is not None else 0,
@@ -319,11 +332,12 @@ def _group_queries(q, ks_plane, km_plane, W: gl.constexpr, MAGIC_C: gl.constexpr
 def _issue(i, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf,
            k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src,
            km_src, j_ch, s_ksg, BN: gl.constexpr, GROUP: gl.constexpr, NS: gl.constexpr,
-           WORDS: gl.constexpr):
+           WORDS: gl.constexpr, FIRST: gl.constexpr = False):
     """Start the async copies of tile ``i`` of the chunk (slots ``start + i * BN ..``, masked
     at ``stop``: masked elements are zero-filled) into ring stage ``i % NS``: code words,
-    positions, value scales and middles, and, for the first tile of a key group, the group's
-    key scales and middles.  One commit group per tile."""
+    positions, value scales and middles, and, for the first tile of a key group or of the
+    chunk (``FIRST``: tile 0), the group's key scales and middles.  One commit group per
+    tile."""
     n0 = start + i * BN
     st = i % NS
     async_copy.async_copy_global_to_shared(k_buf.index(st), k_src + n0 * WORDS,
@@ -335,7 +349,7 @@ def _issue(i, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf
     pair_ok = n0 + 2 * j_pair < stop
     async_copy.async_copy_global_to_shared(vs_buf.index(st), vs_src + n0 // 2, mask=pair_ok)
     async_copy.async_copy_global_to_shared(vm_buf.index(st), vm_src + n0 // 2, mask=pair_ok)
-    if ((n0 % GROUP) == 0) & (n0 < stop):
+    if (FIRST | ((n0 % GROUP) == 0)) & (n0 < stop):
         g_off = (n0 // GROUP) * s_ksg
         async_copy.async_copy_global_to_shared(ks_buf.index(st), ks_src + g_off)
         async_copy.async_copy_global_to_shared(km_buf.index(st), km_src + g_off)
@@ -344,7 +358,7 @@ def _issue(i, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf
 
 @gluon.jit
 def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
-              P, Hkv, n_heads_per_kv, chunk, chunk_offset, n_chunks_total, qscale,
+              P, Hkv, n_heads_per_kv, per, extra, chunk_offset, n_chunks_total, qscale,
               s_qb, s_qh, s_kb, s_kh, s_ksb, s_ksh, s_ksg, s_vb, s_vh,
               s_vsb, s_vsh, s_pb, s_bb,
               BITS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, W: gl.constexpr,
@@ -358,7 +372,8 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
               VSMEM: gl.constexpr, VCOPY: gl.constexpr, GDC_NEXT: gl.constexpr,
               GDC_WAIT: gl.constexpr):
     """Partial softmax (max, denominator, accumulator) of one (sequence, KV head, chunk of
-    slots), ``chunk`` a multiple of GROUP; the same outputs as ``triton_decode._partials``.
+    slots): chunk ``c`` spans ``per + (c < extra)`` tiles from tile ``c * per + min(c, extra)``
+    (``chunk_tiles``), clipped at ``P``; the same outputs as ``triton_decode._partials``.
     KD/VD are the codes as int32 words, KS/KM [.., groups, D/2] and VS/VM [.., slots/2] the
     fp16 scales and middles as int32 pairs (strides in words).  Tiles stream through a ring of
     NS stages in shared memory filled by async copies NS - 1 tiles ahead (``_issue``; why: the
@@ -380,14 +395,13 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     KS1: gl.constexpr = 1.0 / VB1                    # plane 1's key operand scale
     PER: gl.constexpr = 8 // BITS
     WORDS: gl.constexpr = W // 4
-    TILES: gl.constexpr = GROUP // BN
     LOG2E_C: gl.constexpr = 1.4426950408889634
     bh = gl.program_id(0)
     c = gl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
-    start = c * chunk
-    stop = gl.minimum(start + chunk, P)
+    start = (c * per + gl.minimum(c, extra)) * BN
+    stop = gl.minimum(start + (per + (c < extra).to(gl.int32)) * BN, P)
     if GDC_NEXT:
         gdc_launch_dependents()
 
@@ -451,7 +465,7 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     for i0 in gl.static_range(NS - 1):
         _issue(i0, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf, km_buf,
                k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair, ks_src,
-               km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
+               km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS, i0 == 0)
 
     slot = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))   # rows of the score tile
     m_i = gl.full([HEADS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
@@ -478,127 +492,128 @@ def _partials(Q, KD, KS, KM, VD, VS, VM, POS, BIAS, M_OUT, L_OUT, ACC_OUT,
     qs2 = qs0
     qs3 = qs0
 
-    for g0 in range(start, stop, GROUP):
-        for t in range(TILES):   # a runtime loop: a quarter of the code of an unrolled one
-            i = (g0 - start) // BN + t
-            st = i % NS
-            n0 = g0 + t * BN
-            async_copy.wait_group(NS - 2)     # tile i has landed (this thread's copies) ..
-            gl.thread_barrier()               # .. every thread's; stage (i - 1) % NS is free
-            _issue(i + NS - 1, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf,
-                   km_buf, k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair,
-                   ks_src, km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
-            if t == 0:   # the group's B operands and column terms, plane by plane
-                q0 = q_buf.index(0).load(QL).to(gl.float32) * qf[None, :]
-                ksv = ks_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
-                kmv = km_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
-                qs0, z = _group_queries(q0, ksv.slice(0, W), kmv.slice(0, W), W, MAGIC_C, DT,
-                                        QL, QB, GL)
-                if PER > 1:
-                    q1 = q_buf.index(1).load(QL).to(gl.float32) * qf[None, :]
-                    qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W,
-                                             MAGIC_C - DM1, DT, QL, QB, GL, KS1)
-                    z += z1
-                if PER > 2:
-                    q2 = q_buf.index(2).load(QL).to(gl.float32) * qf[None, :]
-                    q3 = q_buf.index(3).load(QL).to(gl.float32) * qf[None, :]
-                    qs2, z2 = _group_queries(q2, ksv.slice(2 * W, W), kmv.slice(2 * W, W), W,
-                                             MAGIC_C - DM2, DT, QL, QB, GL)
-                    qs3, z3 = _group_queries(q3, ksv.slice(3 * W, W), kmv.slice(3 * W, W), W,
-                                             MAGIC_C - DM3, DT, QL, QB, GL)
-                    z += z2 + z3
-                z = gl.convert_layout(z, gl.SliceLayout(0, MMA))
-            pos = pos_buf.index(st).load(gl.SliceLayout(1, MMA))
-            live = n0 + slot < stop
-            bias = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
-            if HAS_BIAS:
-                bias = gl.load(BIAS + b * s_bb + pos, mask=live & (pos >= 0),
-                               other=0.0) * LOG2E_C
-            kx = k_buf.index(st).load(KEY)
-            # scores S^T in log2 units: the planes' (offset + code) . qs, plus the column terms
-            s = gl.zeros([BN, HEADS], gl.float32, layout=MMA) + z[None, :]
-            if PER == 2:
-                k00, k01, k02, k03, k10, k11, k12, k13 = _unpack(kx, KASM, PER, qs0)
-                s = mma_v2(_key_operand(_bytes(k00, k01, k02, k03, W), W, KA), qs0, s)
-                s = mma_v2(_key_operand(_bytes(k10, k11, k12, k13, W), W, KA), qs1, s)
-            else:
-                (k00, k01, k02, k03, k10, k11, k12, k13,
-                 k20, k21, k22, k23, k30, k31, k32, k33) = _unpack(kx, KASM, PER, qs0)
-                s = mma_v2(_key_operand(_bytes(k00, k01, k02, k03, W), W, KA), qs0, s)
-                s = mma_v2(_key_operand(_bytes(k10, k11, k12, k13, W), W, KA), qs1, s)
-                s = mma_v2(_key_operand(_bytes(k20, k21, k22, k23, W), W, KA), qs2, s)
-                s = mma_v2(_key_operand(_bytes(k30, k31, k32, k33, W), W, KA), qs3, s)
-            ok = live & (pos >= 0)
-            if HAS_BIAS:
-                if F16:
-                    s += bias[:, None] / inv[None, :]
-                else:
-                    s += bias[:, None]
-            s = gl.where(ok[:, None], s, float("-inf"))
+    # the chunk's tiles (it may start and end inside a key group); a runtime loop, with each
+    # key group's setup under a branch: a quarter of the code of an unrolled one
+    for i in range((stop - start + BN - 1) // BN):
+        n0 = start + i * BN
+        st = i % NS
+        async_copy.wait_group(NS - 2)     # tile i has landed (this thread's copies) ..
+        gl.thread_barrier()               # .. every thread's; stage (i - 1) % NS is free
+        _issue(i + NS - 1, start, stop, k_buf, v_buf, pos_buf, vs_buf, vm_buf, ks_buf,
+               km_buf, k_src, v_src, k_slot, vc_slot, pos_src, j_slot, vs_src, vm_src, j_pair,
+               ks_src, km_src, j_ch, s_ksg, BN, GROUP, NS, WORDS)
+        # the B operands and column terms of a key group (its first tile in the chunk)
+        if ((n0 % GROUP) == 0) | (i == 0):
+            q0 = q_buf.index(0).load(QL).to(gl.float32) * qf[None, :]
+            ksv = ks_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
+            kmv = km_buf.index(st)._reinterpret(gl.float16, [D], FLAT)
+            qs0, z = _group_queries(q0, ksv.slice(0, W), kmv.slice(0, W), W, MAGIC_C, DT,
+                                    QL, QB, GL)
+            if PER > 1:
+                q1 = q_buf.index(1).load(QL).to(gl.float32) * qf[None, :]
+                qs1, z1 = _group_queries(q1, ksv.slice(W, W), kmv.slice(W, W), W,
+                                         MAGIC_C - DM1, DT, QL, QB, GL, KS1)
+                z += z1
+            if PER > 2:
+                q2 = q_buf.index(2).load(QL).to(gl.float32) * qf[None, :]
+                q3 = q_buf.index(3).load(QL).to(gl.float32) * qf[None, :]
+                qs2, z2 = _group_queries(q2, ksv.slice(2 * W, W), kmv.slice(2 * W, W), W,
+                                         MAGIC_C - DM2, DT, QL, QB, GL)
+                qs3, z3 = _group_queries(q3, ksv.slice(3 * W, W), kmv.slice(3 * W, W), W,
+                                         MAGIC_C - DM3, DT, QL, QB, GL)
+                z += z2 + z3
+            z = gl.convert_layout(z, gl.SliceLayout(0, MMA))
+        pos = pos_buf.index(st).load(gl.SliceLayout(1, MMA))
+        live = n0 + slot < stop
+        bias = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, MMA))
+        if HAS_BIAS:
+            bias = gl.load(BIAS + b * s_bb + pos, mask=live & (pos >= 0),
+                           other=0.0) * LOG2E_C
+        kx = k_buf.index(st).load(KEY)
+        # scores S^T in log2 units: the planes' (offset + code) . qs, plus the column terms
+        s = gl.zeros([BN, HEADS], gl.float32, layout=MMA) + z[None, :]
+        if PER == 2:
+            k00, k01, k02, k03, k10, k11, k12, k13 = _unpack(kx, KASM, PER, qs0)
+            s = mma_v2(_key_operand(_bytes(k00, k01, k02, k03, W), W, KA), qs0, s)
+            s = mma_v2(_key_operand(_bytes(k10, k11, k12, k13, W), W, KA), qs1, s)
+        else:
+            (k00, k01, k02, k03, k10, k11, k12, k13,
+             k20, k21, k22, k23, k30, k31, k32, k33) = _unpack(kx, KASM, PER, qs0)
+            s = mma_v2(_key_operand(_bytes(k00, k01, k02, k03, W), W, KA), qs0, s)
+            s = mma_v2(_key_operand(_bytes(k10, k11, k12, k13, W), W, KA), qs1, s)
+            s = mma_v2(_key_operand(_bytes(k20, k21, k22, k23, W), W, KA), qs2, s)
+            s = mma_v2(_key_operand(_bytes(k30, k31, k32, k33, W), W, KA), qs3, s)
+        ok = live & (pos >= 0)
+        if HAS_BIAS:
             if F16:
-                m_new = gl.maximum(m_i, gl.max(s, axis=0) * inv)
+                s += bias[:, None] / inv[None, :]
             else:
-                m_new = gl.maximum(m_i, gl.max(s, axis=0))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            if F16:
-                p = gl.exp2(s * inv[None, :] - m_safe[None, :])
-            else:
-                p = gl.exp2(s - m_safe[None, :])
-            alpha = gl.exp2(m_i - m_safe)
-            vsc = vs_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
-                gl.SliceLayout(1, MMA))
-            vmd = vm_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
-                gl.SliceLayout(1, MMA))
-            pw = (p * vsc.to(gl.float32)[:, None]).to(DT)
+                s += bias[:, None]
+        s = gl.where(ok[:, None], s, float("-inf"))
+        if F16:
+            m_new = gl.maximum(m_i, gl.max(s, axis=0) * inv)
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        if F16:
+            p = gl.exp2(s * inv[None, :] - m_safe[None, :])
+        else:
+            p = gl.exp2(s - m_safe[None, :])
+        alpha = gl.exp2(m_i - m_safe)
+        vsc = vs_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
+            gl.SliceLayout(1, MMA))
+        vmd = vm_buf.index(st)._reinterpret(gl.float16, [BN], FLAT).load(
+            gl.SliceLayout(1, MMA))
+        pw = (p * vsc.to(gl.float32)[:, None]).to(DT)
+        if SUM_LATE:
+            l_i = l_i * alpha[None, :] + p
+        else:
+            l_i = l_i * alpha + gl.sum(p, axis=0)
+        v0i = zero   # where each plane's tile MMA starts
+        v1i = zero
+        if F16:
+            # the value offsets and middles enter each tile's MMAs, so that the accumulators
+            # hold the output itself: plane j's codes come as VBASE + b_j * c (b_0 = 1,
+            # b_1 = VB1), its MMA starts from b_j * sum(p * mid) - (VBASE + b_j * MID) *
+            # sum(p * s) (the offset cancels inside one tile's sum, never against a long
+            # running sum: session 24's long-chunk test failed with it left in)
+            sa = gl.sum(p * vmd.to(gl.float32)[:, None], axis=0)
+            sb = gl.sum(pw.to(gl.float32), axis=0)
+            v0i = zero + (sa - (VBASE + MID) * sb)[None, :]
+            v1i = zero + (VB1 * sa - (VBASE + VB1 * MID) * sb)[None, :]
+        else:
+            r_tile = p * vmd.to(gl.float32)[:, None] - MAGIC_C * pw.to(gl.float32)
             if SUM_LATE:
-                l_i = l_i * alpha[None, :] + p
+                r_i = r_i * alpha[None, :] + r_tile
             else:
-                l_i = l_i * alpha + gl.sum(p, axis=0)
-            v0i = zero   # where each plane's tile MMA starts
-            v1i = zero
-            if F16:
-                # the value offsets and middles enter each tile's MMAs, so that the accumulators
-                # hold the output itself: plane j's codes come as VBASE + b_j * c (b_0 = 1,
-                # b_1 = VB1), its MMA starts from b_j * sum(p * mid) - (VBASE + b_j * MID) *
-                # sum(p * s) (the offset cancels inside one tile's sum, never against a long
-                # running sum: session 24's long-chunk test failed with it left in)
-                sa = gl.sum(p * vmd.to(gl.float32)[:, None], axis=0)
-                sb = gl.sum(pw.to(gl.float32), axis=0)
-                v0i = zero + (sa - (VBASE + MID) * sb)[None, :]
-                v1i = zero + (VB1 * sa - (VBASE + VB1 * MID) * sb)[None, :]
-            else:
-                r_tile = p * vmd.to(gl.float32)[:, None] - MAGIC_C * pw.to(gl.float32)
-                if SUM_LATE:
-                    r_i = r_i * alpha[None, :] + r_tile
-                else:
-                    r_i = r_i * alpha + gl.sum(r_tile, axis=0)
-                if PLANE_OFFSETS:
-                    w_acc = w_acc * alpha[None, :] + pw.to(gl.float32)
-            m_i = m_new
-            pt = _transposed_probabilities(pw, PB)
-            # each tile's p @ v starts from zero in the tensor cores and is added to the
-            # running accumulators in fp32: accumulating across tiles inside the MMA lost up to
-            # 30% of the output over long chunks, where offset * sum(p * s) cancels against the
-            # row terms (BENCHMARKS.md, issue 3, session 10)
-            a_col = alpha[None, :]
-            vx = v_buf.index(st).load(VALUE)
-            if PER == 2:
-                v00, v01, v02, v03, v10, v11, v12, v13 = _unpack(vx, VASM, PER, pw)
-                acc0 = acc0 * a_col + mma_v2(
-                    _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, v0i)
-                acc1 = acc1 * a_col + mma_v2(
-                    _value_operand(_bytes(v10, v11, v12, v13, W), W, VA), pt, v1i)
-            else:
-                (v00, v01, v02, v03, v10, v11, v12, v13,
-                 v20, v21, v22, v23, v30, v31, v32, v33) = _unpack(vx, VASM, PER, pw)
-                acc0 = acc0 * a_col + mma_v2(
-                    _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, zero)
-                acc1 = acc1 * a_col + mma_v2(
-                    _value_operand(_bytes(v10, v11, v12, v13, W), W, VA), pt, zero)
-                acc2 = acc2 * a_col + mma_v2(
-                    _value_operand(_bytes(v20, v21, v22, v23, W), W, VA), pt, zero)
-                acc3 = acc3 * a_col + mma_v2(
-                    _value_operand(_bytes(v30, v31, v32, v33, W), W, VA), pt, zero)
+                r_i = r_i * alpha + gl.sum(r_tile, axis=0)
+            if PLANE_OFFSETS:
+                w_acc = w_acc * alpha[None, :] + pw.to(gl.float32)
+        m_i = m_new
+        pt = _transposed_probabilities(pw, PB)
+        # each tile's p @ v starts from zero in the tensor cores and is added to the
+        # running accumulators in fp32: accumulating across tiles inside the MMA lost up to
+        # 30% of the output over long chunks, where offset * sum(p * s) cancels against the
+        # row terms (BENCHMARKS.md, issue 3, session 10)
+        a_col = alpha[None, :]
+        vx = v_buf.index(st).load(VALUE)
+        if PER == 2:
+            v00, v01, v02, v03, v10, v11, v12, v13 = _unpack(vx, VASM, PER, pw)
+            acc0 = acc0 * a_col + mma_v2(
+                _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, v0i)
+            acc1 = acc1 * a_col + mma_v2(
+                _value_operand(_bytes(v10, v11, v12, v13, W), W, VA), pt, v1i)
+        else:
+            (v00, v01, v02, v03, v10, v11, v12, v13,
+             v20, v21, v22, v23, v30, v31, v32, v33) = _unpack(vx, VASM, PER, pw)
+            acc0 = acc0 * a_col + mma_v2(
+                _value_operand(_bytes(v00, v01, v02, v03, W), W, VA), pt, zero)
+            acc1 = acc1 * a_col + mma_v2(
+                _value_operand(_bytes(v10, v11, v12, v13, W), W, VA), pt, zero)
+            acc2 = acc2 * a_col + mma_v2(
+                _value_operand(_bytes(v20, v21, v22, v23, W), W, VA), pt, zero)
+            acc3 = acc3 * a_col + mma_v2(
+                _value_operand(_bytes(v30, v31, v32, v33, W), W, VA), pt, zero)
     async_copy.wait_group(0)
 
     if SUM_LATE:

@@ -70,11 +70,23 @@ GLUON_PROGRAMS_PER_SM = {4: 8, 2: 12}   # by code width
 GLUON_SHORT_CHUNK_SLOTS = 384
 GLUON_SHORT_PROGRAMS_PER_SM = 8
 # Launches of at most this many Gluon programs per SM (all segments of a call together) compile
-# the Gluon kernel without ``gluon_decode.MAX_REGISTERS``: 2 one-warp programs per scheduler fit
-# at up to 255 registers, and ptxas takes 209 at 2 bits (167 at 4 bits).  At 128K batch 1, 4/2
-# (8 per SM by the short rule): 1.02-1.03x on an H200, the same elsewhere (BENCHMARKS.md,
-# issue 3, session 25).  0: always capped (a measurement knob).
+# the Gluon kernel of the code widths in GLUON_UNCAPPED_BITS without
+# ``gluon_decode.MAX_REGISTERS``: 2 one-warp programs per scheduler fit at up to 255 registers,
+# and ptxas takes 202 at 2 bits.  At 128K batch 1, 4/2 (8 per SM by the short rule): 1.02-1.03x
+# on an H200, the same elsewhere (BENCHMARKS.md, issue 3, session 25).  The kernel of session
+# 26 (one flat tile loop) is faster capped at 4 bits: 1.03-1.05x at batch 1, 1.04x at 128K
+# batch 8 4/0 (8 programs per SM: few too) (session 26).  0 / (): always capped (knobs).
 GLUON_UNCAPPED_PROGRAMS_PER_SM = 8
+GLUON_UNCAPPED_BITS = (2,)
+# Outside the short rule, Gluon segments are split into chunks of whole tiles, as even as
+# possible (``gluon_decode.chunk_tiles``: they differ by one tile at most and may start inside a
+# key group), one per program the rule gives (each at least one key group long), instead of
+# chunks of whole key groups, which leave programs unlaunched where the groups do not divide
+# evenly (128K batch 8, 4/2: 1024 + 1504 programs of 1056 + 1584).  On an H200: 1.054x at 128K
+# batch 8 4/2 and 1.076x at 4/0, 1.02-1.03x at 32K batch 8 (BENCHMARKS.md, issue 3, session
+# 26).  Under the short rule too (GLUON_TILE_CHUNKS_SHORT): 0.96-0.99x at batch 1.  Knobs.
+GLUON_TILE_CHUNKS = True
+GLUON_TILE_CHUNKS_SHORT = False
 # The merge: one program per query head and MERGE_BLOCK_D channels, the chunks read
 # next_power_of_2(chunks) at a time up to MERGE_BLOCK_C (one program per query head took 29 us
 # at 128K batch 1 over ~500 chunks, this 6 us; H100, BENCHMARKS.md).  256 instead of 128:
@@ -442,19 +454,32 @@ def _chunking(slots: int, programs_per_chunk: int, target_programs: int,
     return chunk, _cdiv(slots, chunk)
 
 
-def _gluon_programs(segs, gluon: list[bool], rows: int, sms: int) -> list[int]:
-    """Programs to launch for each segment on the Gluon kernel (0 for the others):
-    GLUON_PROGRAMS_PER_SM[bits] per SM, or, when that gives chunks shorter than
-    GLUON_SHORT_CHUNK_SLOTS, a share by slots of GLUON_SHORT_PROGRAMS_PER_SM per SM;
-    ``rows``: sequences x KV heads."""
+def _gluon_programs(segs, gluon: list[bool], rows: int, sms: int) -> tuple[list[int], bool]:
+    """(programs to launch for each segment on the Gluon kernel (0 for the others), whether
+    the short rule gave them): GLUON_PROGRAMS_PER_SM[bits] per SM, or, when that gives chunks
+    shorter than GLUON_SHORT_CHUNK_SLOTS, a share by slots of GLUON_SHORT_PROGRAMS_PER_SM per
+    SM; ``rows``: sequences x KV heads."""
     own = [GLUON_PROGRAMS_PER_SM[s.bits] * sms if on else 0 for s, on in zip(segs, gluon)]
     short = any(n and _chunking(s.slots, rows, n, s.group)[0] < GLUON_SHORT_CHUNK_SLOTS
                 for s, n in zip(segs, own))
     if not short:
-        return own
+        return own, False
     slots = sum(s.slots for s, on in zip(segs, gluon) if on)
     return [max(1, GLUON_SHORT_PROGRAMS_PER_SM * sms * s.slots // slots) if on else 0
-            for s, on in zip(segs, gluon)]
+            for s, on in zip(segs, gluon)], True
+
+
+def _gluon_chunks(gluon_decode, seg, rows: int, programs: int,
+                  short: bool) -> tuple[tuple[int, int], int]:
+    """((tiles per chunk, chunks with one more tile), chunks per row) of a segment on the Gluon
+    kernel ``gluon_decode`` given ``programs`` to launch over ``rows`` (sequences x KV heads):
+    chunks of whole tiles (``GLUON_TILE_CHUNKS``, unless the short rule gave the programs),
+    or of whole key groups."""
+    if GLUON_TILE_CHUNKS and (GLUON_TILE_CHUNKS_SHORT or not short):
+        count = max(1, min(programs // rows, seg.slots // seg.group))
+        return gluon_decode.chunk_tiles(seg.slots, count), count
+    chunk, count = _chunking(seg.slots, rows, programs, seg.group)
+    return (chunk // gluon_decode.TILE, 0), count
 
 
 def _launch(bits: int, dtype: torch.dtype, large: bool) -> tuple[int, bool, dict]:
@@ -488,18 +513,20 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     large = tiles >= LARGE_FROM_TILES_PER_SM * sms
     gluon_decode = _gluon_decode() if USE_GLUON else None
     gluon = [gluon_decode is not None and gluon_decode.supported(s, q) for s in segs]
-    gluon_programs = _gluon_programs(segs, gluon, B * Hkv, sms)
-    plans = []  # (chunk length, number of chunks, tile, launch options) per segment
+    gluon_programs, short = _gluon_programs(segs, gluon, B * Hkv, sms)
+    plans = []  # (chunk length, number of chunks, tile, launch options) per segment (Gluon:
+    # the chunk length as (tiles per chunk, chunks with one more), ``gluon_decode.launch``)
     for seg, tile, on_gluon, programs in zip(segs, tile_of, gluon, gluon_programs):
-        if on_gluon:  # chunks of whole key groups
-            plans.append((*_chunking(seg.slots, B * Hkv, programs, seg.group), tile, {}))
+        if on_gluon:
+            plans.append((*_gluon_chunks(gluon_decode, seg, B * Hkv, programs, short), tile,
+                          {}))
             continue
         per_sm, by_slots, options = _launch(seg.bits, q.dtype, large)
         share = per_sm * sms * seg.slots // max(total_slots, 1) if by_slots else per_sm * sms
         share = max(1, share)
         plans.append((*_chunking(seg.slots, B * Hkv, share, tile), tile, options))
     n_chunks = sum(n for _, n, _, _ in plans)
-    capped = sum(gluon_programs) > GLUON_UNCAPPED_PROGRAMS_PER_SM * sms
+    few = sum(gluon_programs) <= GLUON_UNCAPPED_PROGRAMS_PER_SM * sms
     pdl = PDL and props is not None and torch.version.hip is None and props.major >= 9
     # (launched behind the previous kernel, a kernel follows) of the i-th kernel of the call
     steps = [(pdl and i > 0, pdl and i < len(plans)) for i in range(len(plans) + 1)]
@@ -511,9 +538,9 @@ def decode(q: torch.Tensor, segs, bias: torch.Tensor | None, scale: float) -> to
     dummy = q.new_empty(1)
     offset = 0
     for seg, (chunk, count, tile, options), on_gluon, step in zip(segs, plans, gluon, steps):
-        if on_gluon:
+        if on_gluon:  # chunk: (tiles per chunk, chunks with one more)
             gluon_decode.launch(q, seg, bias, scale, m, den, acc, chunk, count, offset,
-                                n_chunks, step, capped)
+                                n_chunks, step, not (few and seg.bits in GLUON_UNCAPPED_BITS))
             offset += count
             continue
         quantized = seg.bits < 16

@@ -469,7 +469,9 @@ def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monk
     chunks = {}
     for rule in (0, triton_decode.GLUON_SHORT_CHUNK_SLOTS):
         monkeypatch.setattr(triton_decode, "GLUON_SHORT_CHUNK_SLOTS", rule)
-        programs = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
+        programs, short = triton_decode._gluon_programs(quantized, [True, True], B * Hkv,
+                                                        sms)
+        assert short == bool(rule)
         chunks[rule] = [triton_decode._chunking(s.slots, B * Hkv, p, s.group)[0]
                         for s, p in zip(quantized, programs)]
         out = torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
@@ -477,11 +479,44 @@ def test_gluon_short_chunk_rule_launches_longer_chunks_with_the_same_result(monk
     assert max(chunks[0]) < rule and min(chunks[rule]) > max(chunks[0])
 
 
+def test_gluon_chunks_of_whole_tiles_start_inside_key_groups_with_the_same_result(monkeypatch):
+    """At 32K batch 8, 4/2 (outside the short rule) the Gluon segments are split into chunks of
+    whole tiles (``GLUON_TILE_CHUNKS``; 15-16 and 10-11 tiles on 132 SMs): some start inside a
+    key group, and together they cover every tile once.  The output matches the fp32
+    reference, as does the one over chunks of whole key groups."""
+    from zipvl_compile.runtime import decode_attention as da
+    from zipvl_compile.runtime import triton_decode
+
+    gluon = triton_decode._gluon_decode()
+    if gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    B, Hkv, n, d = 8, 4, 32768, 128
+    args, q = benchmark_layer(B, n, 31, torch.bfloat16)
+    segs = da.segments(*args)
+    quantized = [s for s in segs if s.bits < 16]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs, short = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
+    assert not short
+    ref = da.reference(q.float(), fp32_segments(segs), None, d ** -0.5)
+    group_tiles = quantized[0].group // gluon.TILE
+    for seg, p in zip(quantized, programs):
+        (per, extra), count = triton_decode._gluon_chunks(gluon, seg, B * Hkv, p, short)
+        starts = [c * per + min(c, extra) for c in range(count + 1)]
+        assert starts[-1] == -(-seg.slots // gluon.TILE)   # every tile, once
+        assert any(s % group_tiles for s in starts[:-1])
+    outs = {}
+    for whole_tiles in (True, False):
+        monkeypatch.setattr(triton_decode, "GLUON_TILE_CHUNKS", whole_tiles)
+        outs[whole_tiles] = torch.ops.zipvl.decode_attention(q, None, d ** -0.5, *args)
+        assert rel_err(outs[whole_tiles], ref) < DECODE_TOL[torch.bfloat16]
+    assert not torch.equal(outs[True], outs[False])   # the chunking did change
+
+
 def test_gluon_launches_of_few_programs_compile_without_the_register_cap(monkeypatch):
     """At 64K batch 1, 4/2 the short-chunk rule launches 8 Gluon programs per SM in all, at
-    most ``GLUON_UNCAPPED_PROGRAMS_PER_SM``: the kernels run without ``MAX_REGISTERS`` (the
-    2-bit one takes more registers than its cap) and give the same output, bit for bit, as
-    the capped ones."""
+    most ``GLUON_UNCAPPED_PROGRAMS_PER_SM``: the 2-bit kernel runs without ``MAX_REGISTERS``
+    (``GLUON_UNCAPPED_BITS``; it takes more registers than its cap), the 4-bit one under it,
+    and they give the same output, bit for bit, as two capped ones."""
     from zipvl_compile.runtime import decode_attention as da
     from zipvl_compile.runtime import triton_decode
 
@@ -492,8 +527,9 @@ def test_gluon_launches_of_few_programs_compile_without_the_register_cap(monkeyp
     args, q = benchmark_layer(B, n, 25, torch.bfloat16)
     quantized = [s for s in da.segments(*args) if s.bits < 16]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    programs = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
-    assert sum(programs) <= triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM * sms
+    programs, short = triton_decode._gluon_programs(quantized, [True, True], B * Hkv, sms)
+    assert short and sum(programs) <= triton_decode.GLUON_UNCAPPED_PROGRAMS_PER_SM * sms
+    assert triton_decode.GLUON_UNCAPPED_BITS == (2,)
 
     def call_and_kernels():
         """The output, and the Gluon kernels compiled by the call (the cache is cleared)."""
@@ -505,7 +541,8 @@ def test_gluon_launches_of_few_programs_compile_without_the_register_cap(monkeyp
                      for kern in entry[0].values()]
 
     uncapped, kernels = call_and_kernels()
-    assert len(kernels) == 2 and all(kern.metadata.maxnreg is None for kern in kernels)
+    assert len(kernels) == 2
+    assert {kern.metadata.maxnreg for kern in kernels} == {None, gluon.MAX_REGISTERS[4]}
     assert max(kern.n_regs for kern in kernels) > gluon.MAX_REGISTERS[2]
     monkeypatch.setattr(triton_decode, "GLUON_UNCAPPED_PROGRAMS_PER_SM", 0)
     capped, kernels = call_and_kernels()
