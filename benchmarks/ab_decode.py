@@ -13,7 +13,7 @@ kernel: ~1).
 usage (repository root, on a GPU):
   python benchmarks/ab_decode.py --variant before=old_gluon_decode.py --variant installed \\
       --variant "short6:GLUON_SHORT_PROGRAMS_PER_SM=6" \\
-      [--shapes 1x131072,8x131072] [--bits 4/2,4/0] [--rounds 3]
+      [--shapes 1x131072,8x131072] [--bits 4/2,4/0] [--rounds 3] [--dtype float16]
 """
 from __future__ import annotations
 
@@ -56,15 +56,16 @@ def use(module, settings: dict) -> None:
 DEFAULTS: dict = {}
 
 
-def compare(variants: dict, shapes, bit_pairs, rounds: int = 3) -> list[tuple]:
+def compare(variants: dict, shapes, bit_pairs, rounds: int = 3,
+            dtype: torch.dtype = torch.bfloat16) -> list[tuple]:
     """Rows (batch, context, bits, variant, us, speedup vs the first variant, diff);
-    ``variants``: name -> (module, settings)."""
+    ``variants``: name -> (module, settings); queries and K/V of ``dtype``."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     first = next(iter(variants))
     rows = []
     for (B, n), bits in itertools.product(shapes, bit_pairs):
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype, generator=gen)
+        k = torch.randn(B, HKV, n, D, device="cuda", dtype=dtype, generator=gen)
         v = torch.randn_like(k)
         hb, lb = map(int, bits.split("/"))
         cache = bench.mixed_cache(k, v, hb, lb, gen)
@@ -96,6 +97,7 @@ def main() -> None:
                     help="comma-separated BATCHxCONTEXT")
     ap.add_argument("--bits", default="4/2,4/0")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     args = ap.parse_args()
     from zipvl_compile.runtime import gluon_decode
     variants = {}
@@ -111,7 +113,8 @@ def main() -> None:
         name, _, path = head.partition("=")
         variants[name] = (load_variant(name, path) if path else gluon_decode, settings)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    rows = compare(variants, shapes, args.bits.split(","), args.rounds)
+    rows = compare(variants, shapes, args.bits.split(","), args.rounds,
+                   getattr(torch, args.dtype))
     use(gluon_decode, {})
     first = next(iter(variants))
     print(f"{'batch':>5} {'context':>7} {'bits':>4}  {'variant':<16} {'us':>7} "

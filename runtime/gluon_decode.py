@@ -16,7 +16,7 @@ How, without changing the cache format (``quant``: planes, byte ``p`` of a token
 - codes are read as 32-bit words and turned into 16-bit floats two words at a time
   (``quant.pairs_asm``): each output register holds the same byte of both words, so the pair an
   MMA operand register holds is chosen by which two words meet.  4-bit codes become fp16 in place
-  (``quant.fp16_nibble_pairs_asm``, ``FP16_FOUR_BIT``) whatever the queries' dtype, and the
+  (``quant.fp16_pairs_asm``, ``FP16_FOUR_BIT``) whatever the queries' dtype, and the
   MMAs of those segments run in fp16: the queries are scaled per head so that ``q * s`` fits
   fp16, the value offsets enter each tile's MMA (``_partials``).
 - scores are computed transposed, ``S^T = K Q^T`` [BN slots, HEADS]: keys are the A operand
@@ -73,7 +73,7 @@ MAX_REGISTERS = {4: 168, 2: 168}
 # 1.04x at 128K batch 1 on 4/2 (H200, BENCHMARKS.md, issue 3, session 19); at 4 bits 0.97x
 # then, 1.01-1.03x since the fp16 conversion moved the value terms into the MMAs (session 24).
 SUM_LATE = {4: True, 2: True}
-# 4-bit codes into fp16 in place whatever the queries' dtype (``quant.fp16_nibble_pairs_asm``:
+# 4-bit codes into fp16 in place whatever the queries' dtype (``quant.fp16_pairs_asm``:
 # 12 instructions per 16 codes instead of 16; with bf16 queries the MMAs then run in fp16):
 # see ``_partials``.  False: 4-bit codes as 2-bit ones (a measurement knob).
 FP16_FOUR_BIT = True
@@ -213,8 +213,8 @@ def plane_constants(bits: int, dtype: torch.dtype) -> dict:
     (codes come as ``VBASE + VB1 * c``; 1 without F16).  ``MID``: the middle code."""
     mid = quant.middle_code(bits)
     if FP16_FOUR_BIT and bits == 4:
-        base, steps = quant.FP16_NIBBLE_BASE, quant.FP16_NIBBLE_STEPS
-        asm = quant.fp16_nibble_pairs_asm()
+        base, steps = quant.FP16_BASE, quant.fp16_steps(4)
+        asm = quant.fp16_pairs_asm(4)
         # plane 1's 1024 + 16 c is 16 * (64 + c): offset 64 with the operand scaled by 1/16
         return dict(F16=True, KASM=asm, VASM=asm, MAGIC_C=base + mid,
                     DM1=base - base / steps[1], DM2=0.0, DM3=0.0, VB1=steps[1], VBASE=base,

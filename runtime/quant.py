@@ -156,19 +156,31 @@ def pairs_asm(bits: int, dtype: torch.dtype) -> str:
     return "{ .reg .b32 t0, t1, x, m; " + init + " ".join(lines) + " }"
 
 
-# ``fp16_nibble_pairs_asm``: plane j's code c comes out as the fp16 FP16_NIBBLE_BASE + STEP_j * c
-FP16_NIBBLE_BASE = 1024.0
-FP16_NIBBLE_STEPS = (1.0, 16.0)
+# ``fp16_pairs_asm``: plane j's code c comes out as the fp16 FP16_BASE + fp16_steps(bits)[j] * c
+FP16_BASE = 1024.0
+
+
+def fp16_steps(bits: int) -> tuple[float, ...]:
+    """Per plane j of ``bits``-bit codes, the step ``2 ** (bits * j)`` with which
+    ``fp16_pairs_asm`` leaves its codes in place: (1, 16) at 4 bits, (1, 4, 16, 64) at 2."""
+    return tuple(float(1 << bits * j) for j in range(8 // bits))
 
 
 @functools.lru_cache(maxsize=None)
-def fp16_nibble_pairs_asm() -> str:
-    """``pairs_asm``'s job for 4-bit codes, into fp16 whatever the queries' dtype, with the
-    codes left in place (``_in_place_asm``): plane j's nibble (bits 4j .. 4j + 3 of each byte)
-    under the fp16 exponent of 1024, so that output ``4 * j + i`` holds ``FP16_NIBBLE_BASE +
-    FP16_NIBBLE_STEPS[j] * c`` (fp16 [1024, 2048) has spacing 1; plane 1's nibble sits 4 bits
-    up) for the words ``$8`` and ``$9``.  12 instructions per 16 codes (``pairs_asm``: 16)."""
-    return _in_place_asm("$8", "$9", [(0, 0xF << 4 * j, 0x6400) for j in range(2)])
+def fp16_pairs_asm(bits: int) -> str:
+    """``pairs_asm``'s job for 4- or 2-bit codes into fp16, with the codes left in place
+    (``_in_place_asm``): plane j's code (bits ``bits * j`` up of each byte) under the fp16
+    exponent of 1024, so that output ``4 * j + i`` holds ``FP16_BASE + fp16_steps(bits)[j] * c``
+    (fp16 [1024, 2048) has spacing 1, and a byte's 8 bits all sit in the mantissa) for the
+    words ``$N``, ``$N+1`` (N = 4 * planes).  Per 32 codes: 24 instructions at 4 bits
+    (``pairs_asm`` into bf16: 32) and 20 at 2 bits (``pairs_asm`` into fp16: 49, the bf16
+    in-place one: 24).  The Gluon kernel takes the 4-bit one; the 2-bit one, with its value
+    offsets inside each tile's MMA, failed an fp16 accuracy test (BENCHMARKS.md, issue 3,
+    session 26)."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    return _in_place_asm(f"${4 * per}", f"${4 * per + 1}",
+                         [(0, mask << bits * j, 0x6400) for j in range(per)])
 
 
 def _pairs_asm_in_place(a: str, b: str) -> str:

@@ -187,16 +187,20 @@ def test_pairs_ptx_turns_two_words_into_plane_offset_plus_code(bits, dtype):
         assert got == want, (hex(a), hex(b))
 
 
-def test_fp16_nibble_pairs_ptx_leaves_each_code_in_place_under_1024():
-    """The Gluon kernel's 4-bit PTX into fp16 (for either query dtype), emulated: output
-    4 * j + i holds the nibble of plane j in byte i of the first word (low half) and of the
-    second (high half) as the fp16 ``1024 + step_j * code`` (steps 1 and 16)."""
-    asm = quant.fp16_nibble_pairs_asm()
-    assert quant.FP16_NIBBLE_BASE == 1024.0 and quant.FP16_NIBBLE_STEPS == (1.0, 16.0)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_fp16_pairs_ptx_leaves_each_code_in_place_under_1024(bits):
+    """The PTX into fp16 in place (4 bits: the Gluon kernel's, for either query dtype; 2 bits:
+    session 26's variant for fp16 queries, not in the kernel), emulated: output 4 * j + i holds the code of plane j in byte i of the first
+    word (low half) and of the second (high half) as the fp16 ``1024 + step_j * code`` (steps
+    1, 16 at 4 bits; 1, 4, 16, 64 at 2 bits)."""
+    per = 8 // bits
+    asm = quant.fp16_pairs_asm(bits)
+    steps = {4: (1.0, 16.0), 2: (1.0, 4.0, 16.0, 64.0)}[bits]
+    assert quant.FP16_BASE == 1024.0 and quant.fp16_steps(bits) == steps
     words = _pair_words(2)
     for a, b in zip(words, reversed(words)):
-        got = _halves(_run_ptx(asm, {"$8": a, "$9": b}), [f"${r}" for r in range(8)],
-                      torch.float16)
-        want = [1024.0 + (1.0, 16.0)[j] * ((w >> 8 * i + 4 * j) & 15)
-                for j in range(2) for i in range(4) for w in (a, b)]
+        got = _halves(_run_ptx(asm, {f"${4 * per}": a, f"${4 * per + 1}": b}),
+                      [f"${r}" for r in range(4 * per)], torch.float16)
+        want = [1024.0 + steps[j] * ((w >> 8 * i + bits * j) & ((1 << bits) - 1))
+                for j in range(per) for i in range(4) for w in (a, b)]
         assert got == want, (hex(a), hex(b))
