@@ -190,9 +190,10 @@ def test_pairs_ptx_turns_two_words_into_plane_offset_plus_code(bits, dtype):
 @pytest.mark.parametrize("bits", [4, 2])
 def test_fp16_pairs_ptx_leaves_each_code_in_place_under_1024(bits):
     """The PTX into fp16 in place (4 bits: the Gluon kernel's, for either query dtype; 2 bits:
-    session 26's variant for fp16 queries, not in the kernel), emulated: output 4 * j + i holds the code of plane j in byte i of the first
-    word (low half) and of the second (high half) as the fp16 ``1024 + step_j * code`` (steps
-    1, 16 at 4 bits; 1, 4, 16, 64 at 2 bits)."""
+    session 26's variant for fp16 queries, not in the kernel), emulated: output 4 * j + i
+    holds the code of plane j in byte i of the first word (low half) and of the second (high
+    half) as the fp16 ``1024 + step_j * code`` (steps 1, 16 at 4 bits; 1, 4, 16, 64 at 2
+    bits)."""
     per = 8 // bits
     asm = quant.fp16_pairs_asm(bits)
     steps = {4: (1.0, 16.0), 2: (1.0, 4.0, 16.0, 64.0)}[bits]
